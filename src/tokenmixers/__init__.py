@@ -1,0 +1,27 @@
+"""tokenmixers: spatial token mixers compared fairly inside one unified vision backbone.
+
+>>> import tokenmixers, timm
+>>> model = timm.create_model("unified_halo_tiny")          # or tokenmixers.create_model(...)
+"""
+from .backbone import UnifiedNet
+from .mixers import TokenMixer, create_mixer, get_mixer, list_mixers, register_mixer
+from .zoo import FAMILIES, SCALES, create_model, list_models, model_args, register_family, register_variant
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "UnifiedNet",
+    "TokenMixer",
+    "create_mixer",
+    "get_mixer",
+    "list_mixers",
+    "register_mixer",
+    "FAMILIES",
+    "SCALES",
+    "create_model",
+    "list_models",
+    "model_args",
+    "register_family",
+    "register_variant",
+    "__version__",
+]

@@ -1,0 +1,429 @@
+"""The unified backbone of "Demystify Transformers & Convolutions in Modern Image Deep Networks".
+
+One network, any spatial token mixer::
+
+    stem      conv3x3/s2 (C/2) -> LN -> GELU -> conv3x3/s2 (C) -> LN            stride 4
+    stage i   [conv3x3/s2, no bias -> LN]  (i > 0)
+              blocks: x = x + drop_path(gamma1 * mixer(LN(x)))
+                      x = x + drop_path(gamma2 * mlp(LN(x)))
+              LN                                                 (stage norm)
+    head      1x1 proj to 1.5*C4 (no bias) -> BatchNorm -> GELU -> global avg pool -> Linear
+
+Tokens stay channels-last ``(B, H, W, C)`` from the stem to the head, so norms and projections
+never permute; see :mod:`tokenmixers.mixers` for the mixer contract. Public feature maps
+(``forward_features``, ``forward_intermediates``) are NCHW views of that memory.
+
+Ablation switches of the paper's Table VI: ``norm_after_pool`` (B: LayerNorm after pooling),
+``stage_norms=False`` (C: no stage norms) and ``block_style="convnext"`` (D: ConvNeXt block,
+``x = x + drop_path(gamma * mlp(LN(mixer(x))))``).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
+
+from .mixers import TokenMixer, create_mixer
+
+MIN_INPUT_SIZE = 32
+BLOCK_STYLES = ("transformer", "convnext")
+POS_EMBEDS = (None, "absolute")
+GLOBAL_POOLS = ("avg", "")
+
+
+class Stem(nn.Module):
+    """Overlapping stride-4 stem: ``(B, in_chans, H, W) -> (B, H/4, W/4, dim)``."""
+
+    def __init__(self, in_chans: int, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(dim // 2, eps=eps)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW image -> channels-last tokens."""
+        x = self.act(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))
+        return self.norm2(self.conv2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (no bias) + LayerNorm: ``(B, H, W, C_in) -> (B, H/2, W/2, C_out)``."""
+
+    def __init__(self, in_dim: int, out_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, bias=False)
+        self.norm = nn.LayerNorm(out_dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Halve the resolution of channels-last tokens."""
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class AbsolutePosEmbed(nn.Module):
+    """Learned absolute position embedding ``(1, C, h, w)``, bilinearly resized to the actual grid."""
+
+    def __init__(self, dim: int, grid_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, *grid_size))
+        trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the embedding to ``(B, H, W, C)`` tokens."""
+        pos = self.pos_embed
+        if pos.shape[-2:] != x.shape[1:3]:
+            pos = F.interpolate(pos, size=x.shape[1:3], mode="bilinear", align_corners=True)
+        return x + pos.permute(0, 2, 3, 1)
+
+
+class Block(nn.Module):
+    """Transformer-style block around any mixer (or the ConvNeXt-style block, Table VI D)."""
+
+    def __init__(
+        self,
+        dim: int,
+        mixer: TokenMixer,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-5,
+        layer_scale_init: Optional[float] = 1e-6,
+        drop_path: float = 0.0,
+        pos: Optional[nn.Module] = None,
+        convnext_style: bool = False,
+    ) -> None:
+        super().__init__()
+        self.convnext_style = convnext_style
+        self.pos = pos if pos is not None else nn.Identity()
+        self.norm1 = nn.Identity() if convnext_style else nn.LayerNorm(dim, eps=norm_eps)
+        self.mixer = mixer
+        self.ls1 = nn.Identity() if convnext_style or not layer_scale_init else LayerScale(dim, layer_scale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``."""
+        x = self.pos(x)
+        if self.convnext_style:
+            return x + self.drop_path(self.ls2(self.mlp(self.norm2(self.mixer(x)))))
+        x = x + self.drop_path(self.ls1(self.mixer(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class Stage(nn.Module):
+    """Optional downsampling, a sequence of blocks and an optional stage norm (channels-last)."""
+
+    def __init__(self, downsample: nn.Module, blocks: Sequence[Block], norm: nn.Module) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = norm
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C_in) -> (B, H', W', C)``."""
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+
+class Head(nn.Module):
+    """1x1 projection (no bias) -> BatchNorm -> GELU -> pool [-> LayerNorm] -> dropout -> Linear."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        num_classes: int,
+        global_pool: str = "avg",
+        norm_after_pool: bool = False,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.global_pool = global_pool
+        if hidden_dim:
+            self.proj = nn.Linear(in_dim, hidden_dim, bias=False)
+            self.bn = nn.BatchNorm2d(hidden_dim)
+            self.act = nn.GELU()
+        else:
+            hidden_dim = in_dim
+            self.proj, self.bn, self.act = nn.Identity(), nn.Identity(), nn.Identity()
+        self.hidden_dim = hidden_dim
+        self.norm = nn.LayerNorm(hidden_dim, eps=1e-6) if norm_after_pool else nn.Identity()
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``(B, H, W, C)`` tokens -> logits ``(B, classes)`` (or pooled / unpooled features)."""
+        x = self.act(self.bn(self.proj(x).permute(0, 3, 1, 2)))  # NCHW view
+        if self.global_pool == "avg":
+            x = self.norm(x.mean((2, 3)))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+def _per_stage(value: Union[Any, Sequence[Any]], n: int, name: str) -> list[Any]:
+    """Broadcast a scalar option to ``n`` stages or check a per-stage sequence has length ``n``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries but the model has {n} stages")
+        return list(value)
+    return [value] * n
+
+
+def _check_pool(global_pool: str, num_classes: int) -> None:
+    """Validate the pooling mode; unpooled output has no classifier."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"unknown global_pool {global_pool!r}; accepted: {', '.join(map(repr, GLOBAL_POOLS))}")
+    if global_pool == "" and num_classes > 0:
+        raise ValueError("global_pool='' returns unpooled feature maps and needs num_classes=0")
+
+
+class UnifiedNet(nn.Module):
+    """The unified four-stage backbone with a pluggable spatial token mixer.
+
+    Args:
+        mixer: registered mixer name (see ``tokenmixers.list_mixers()``).
+        depths: blocks per stage.
+        dims: channels per stage.
+        heads: attention heads (DCNv3: groups) per stage; default ``dim // 32``.
+        mixer_args: options passed to every mixer.
+        stage_mixer_args: per-stage options, one dict per stage (e.g. PVT ``sr_ratio``).
+        mlp_ratios: MLP hidden ratio, one value or one per stage.
+        norm_eps: eps of the block LayerNorms.
+        pos_embed: ``"absolute"`` adds a learned position embedding before the first block of
+            each stage (PVT); sized for ``img_size`` and resized to other inputs.
+        layer_scale_init: initial layer-scale value (``0``/``None`` disables layer scale).
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+        head_hidden_ratio: width of the head's 1x1 projection relative to the last stage
+            (``0`` removes the projection, BatchNorm and GELU).
+        norm_after_pool: LayerNorm after global pooling (Table VI, B).
+        stage_norms: LayerNorm after each stage (``False``: Table VI, C).
+        block_style: ``"transformer"`` or ``"convnext"`` (Table VI, D).
+        img_size: the size the absolute position embeddings are built for.
+        in_chans, num_classes, global_pool, drop_rate: as in timm.
+    """
+
+    def __init__(
+        self,
+        mixer: str,
+        depths: Sequence[int],
+        dims: Sequence[int],
+        heads: Optional[Sequence[int]] = None,
+        *,
+        mixer_args: Optional[dict[str, Any]] = None,
+        stage_mixer_args: Optional[Sequence[dict[str, Any]]] = None,
+        mlp_ratios: Union[float, Sequence[float]] = 4.0,
+        norm_eps: float = 1e-5,
+        pos_embed: Optional[str] = None,
+        layer_scale_init: Optional[float] = 1e-6,
+        drop_path_rate: float = 0.0,
+        head_hidden_ratio: float = 1.5,
+        norm_after_pool: bool = False,
+        stage_norms: bool = True,
+        block_style: str = "transformer",
+        img_size: Union[int, Sequence[int]] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        n = len(depths)
+        if len(dims) != n:
+            raise ValueError(f"depths has {n} stages but dims has {len(dims)}")
+        heads = [max(d // 32, 1) for d in dims] if heads is None else _per_stage(heads, n, "heads")
+        stage_mixer_args = [{} for _ in range(n)] if stage_mixer_args is None else _per_stage(
+            list(stage_mixer_args), n, "stage_mixer_args"
+        )
+        mlp_ratios = _per_stage(mlp_ratios, n, "mlp_ratios")
+        if block_style not in BLOCK_STYLES:
+            raise ValueError(f"unknown block_style {block_style!r}; accepted: {', '.join(BLOCK_STYLES)}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"unknown pos_embed {pos_embed!r}; accepted: {', '.join(map(repr, POS_EMBEDS))}")
+        _check_pool(global_pool, num_classes)
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+        self.mixer = mixer
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.num_features = dims[-1]
+
+        self.stem = Stem(in_chans, dims[0])
+        dp_rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        stages, self.feature_info, cursor = [], [], 0
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            grid = (img_size[0] // 2 ** (i + 2), img_size[1] // 2 ** (i + 2))
+            blocks = []
+            for j in range(depth):
+                mixer_kwargs = {**(mixer_args or {}), **stage_mixer_args[i]}
+                blocks.append(
+                    Block(
+                        dim,
+                        create_mixer(mixer, dim, num_heads=heads[i], block_index=j, **mixer_kwargs),
+                        mlp_ratio=mlp_ratios[i],
+                        norm_eps=norm_eps,
+                        layer_scale_init=layer_scale_init,
+                        drop_path=dp_rates[cursor + j],
+                        pos=AbsolutePosEmbed(dim, grid) if pos_embed == "absolute" and j == 0 else None,
+                        convnext_style=block_style == "convnext",
+                    )
+                )
+            stages.append(
+                Stage(
+                    nn.Identity() if i == 0 else Downsample(dims[i - 1], dim),
+                    blocks,
+                    nn.LayerNorm(dim, eps=1e-6) if stage_norms else nn.Identity(),
+                )
+            )
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}"))
+            cursor += depth
+        self.stages = nn.Sequential(*stages)
+
+        hidden = int(dims[-1] * head_hidden_ratio)
+        self.head = Head(dims[-1], hidden, num_classes, global_pool, norm_after_pool, drop_rate)
+        self.head_hidden_size = self.head.hidden_dim
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """Official init: trunc-normal(0.02) weights and zero bias for every Linear/Conv2d."""
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # -- timm model surface -------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Position tables and embeddings (names as in ``state_dict``)."""
+        names = set()
+        for name, module in self.named_modules():
+            if isinstance(module, TokenMixer):
+                names |= {f"{name}.{p}" for p in module.no_weight_decay()}
+            elif isinstance(module, Block):
+                names |= {f"{name}.pos.{p}" for p, _ in module.pos.named_parameters()}
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay."""
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^stages\.(\d+)\.norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The final Linear layer."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """Replace the classifier (``num_classes=0`` removes it); ``global_pool=''`` disables pooling."""
+        if global_pool is not None:
+            _check_pool(global_pool, num_classes)
+            self.head.global_pool = global_pool
+        if reset_other:
+            self.head.proj, self.head.bn, self.head.act = nn.Identity(), nn.Identity(), nn.Identity()
+            self.head.norm = nn.Identity()
+            self.head.hidden_dim = self.head_hidden_size = self.num_features
+        self.num_classes = num_classes
+        self.head.fc = nn.Linear(self.head.hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head.fc)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise a ``ValueError`` that names the problem for anything but ``(B, in_chans, H>=32, W>=32)``."""
+        if x.ndim != 4:
+            hint = " (add a batch dimension with x.unsqueeze(0))" if x.ndim == 3 else ""
+            raise ValueError(f"expected an image batch of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}{hint}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
+                f"create the model with in_chans={x.shape[1]} or convert the images"
+            )
+        if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
+            raise ValueError(
+                f"input {x.shape[2]}x{x.shape[3]} is below the minimum size {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}; "
+                "resize or pad the images"
+            )
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Forward that also returns the stage outputs (NCHW, strides 4/8/16/32).
+
+        Args:
+            x: image batch ``(B, C, H, W)``.
+            indices: last n stages if int, all if None, else the listed stage indices.
+            norm: unused (stage outputs are already normalised by the stage norms).
+            stop_early: stop after the last requested stage.
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list of stage outputs.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x.permute(0, 3, 1, 2))
+        if intermediates_only:
+            return intermediates
+        return x.permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, list[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last requested index (and the head); return the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "", reset_other=True)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``(B, C, H, W)`` -> last stage map ``(B, C4, H/32, W/32)`` (NCHW view)."""
+        self._check_input(x)
+        return self.stages(self.stem(x)).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Last stage map (NCHW) -> logits, or the pooled features with ``pre_logits=True``."""
+        return self.head(x.permute(0, 2, 3, 1), pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batch -> logits."""
+        return self.forward_head(self.forward_features(x))

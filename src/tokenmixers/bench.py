@@ -1,0 +1,233 @@
+"""Parameters, MACs, throughput, latency and peak memory of any set of models.
+
+Two MAC conventions are reported:
+
+* ``macs``: every multiply-accumulate of convolutions, linear layers and matrix products,
+  attention included (``torch.utils.flop_counter``; flops / 2).
+* ``macs_paper``: the module-hook convention (mmcv/fvcore style) behind most numbers of the
+  paper's Table IV: ``nn.Conv2d`` (with bias) and ``nn.Linear`` (without) modules, 2 per element of the
+  LayerNorms inside blocks and of the head's BatchNorm, 1 per pooled element, ignoring functional products such as
+  attention QK^T/AV. (The official stem, downsampling and stage norms were a LayerNorm subclass
+  that this convention skipped, so they are skipped here too. The paper's Swin numbers use the
+  full count instead, see the README.)
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import fnmatch
+import io
+import json
+import math
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .backbone import Head
+from .files import atomic_write_text
+from .zoo import create_model, list_models
+
+aten = torch.ops.aten
+
+
+def _sdpa_cpu_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int], *args: Any, **kwargs: Any) -> int:
+    """FLOPs of a fused CPU attention call: QK^T and AV, 2 per multiply-accumulate."""
+    batch = math.prod(q[:-2])
+    return 2 * batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+_CUSTOM_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int] = (224, 224), in_chans: int = 3) -> dict[str, int]:
+    """MACs of one image in both conventions (see module docstring)."""
+    x = torch.randn(1, in_chans, *input_size, device=next(model.parameters()).device)
+    paper = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal paper
+        if isinstance(module, nn.Conv2d):
+            per_out = module.in_channels // module.groups * math.prod(module.kernel_size)
+            paper += out.numel() * (per_out + (module.bias is not None))
+        elif isinstance(module, nn.Linear):
+            paper += out.numel() * module.in_features
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            paper += 2 * out.numel()
+        elif isinstance(module, Head) and module.global_pool == "avg":
+            paper += inputs[0][..., :1].numel() * module.hidden_dim  # the average pool
+
+    outer_norm = re.compile(r"^stem\.norm|\.downsample\.norm$|^stages\.\d+\.norm$")
+    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if not outer_norm.search(n)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {"macs": counter.get_total_flops() // 2, "macs_paper": paper}
+
+
+@contextlib.contextmanager
+def _peak_rss() -> Iterator[dict[str, Optional[int]]]:
+    """Measure the peak resident memory of this process inside the block (Linux), in bytes."""
+    result: dict[str, Optional[int]] = {"bytes": None}
+
+    def read(field: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        base = read("VmRSS:")
+    except OSError:
+        base = None
+    yield result
+    peak = read("VmHWM:")
+    if base is not None and peak is not None:
+        result["bytes"] = peak - base
+
+
+def measure_speed(
+    model: nn.Module,
+    batch_size: int = 32,
+    input_size: tuple[int, int] = (224, 224),
+    device: str = "cpu",
+    dtype: str = "float32",
+    channels_last: bool = False,
+    compile: bool = False,
+    warmup: int = 2,
+    iters: int = 7,
+) -> dict[str, Any]:
+    """Inference throughput (img/s), median latency per batch (ms) and peak memory (MB)."""
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = model.to(device).eval()
+    x = torch.randn(batch_size, 3, *input_size, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fn = torch.compile(model) if compile else model
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch_dtype, enabled=dtype != "float32")
+    cuda = torch.device(device).type == "cuda"
+
+    def run() -> None:
+        with torch.inference_mode(), autocast:
+            fn(x)
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        run()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with _peak_rss() as rss:
+        for _ in range(iters):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+    latency = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() if cuda else rss["bytes"]
+    return {
+        "throughput": batch_size / latency,
+        "latency_ms": latency * 1e3,
+        "peak_mem_mb": None if peak is None else peak / 2**20,
+    }
+
+
+def resolve_models(patterns: Sequence[str]) -> list[str]:
+    """Expand model names and glob patterns; ``KeyError`` for a pattern that matches nothing."""
+    names: list[str] = []
+    known = list_models()
+    for pattern in patterns:
+        matched = [n for n in known if fnmatch.fnmatch(n, pattern)] if any(c in pattern for c in "*?[") else [pattern]
+        if not matched:
+            raise KeyError(f"no registered model matches {pattern!r}; see `tokenmixers list`")
+        names += [n for n in matched if n not in names]
+    return names
+
+
+def benchmark(
+    models: Sequence[str],
+    input_size: tuple[int, int] = (224, 224),
+    batch_size: int = 32,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: Optional[int] = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    speed: bool = True,
+    iters: int = 7,
+) -> list[dict[str, Any]]:
+    """Benchmark each model; one row per model with params, MACs and (optionally) speed."""
+    if threads:
+        torch.set_num_threads(threads)
+    rows = []
+    for name in resolve_models(models):
+        model = create_model(name)
+        row: dict[str, Any] = {"model": name, "params_m": count_params(model) / 1e6}
+        macs = count_macs(model, input_size)
+        row.update(macs_g=macs["macs"] / 1e9, macs_paper_g=macs["macs_paper"] / 1e9)
+        if speed:
+            row.update(measure_speed(model, batch_size, input_size, device, dtype, channels_last, compile, iters=iters))
+        row.update(input_size=f"{input_size[0]}x{input_size[1]}", batch_size=batch_size, device=device, dtype=dtype,
+                   threads=torch.get_num_threads(), channels_last=channels_last, compile=compile)
+        rows.append(row)
+    return rows
+
+
+_COLUMNS = [
+    ("model", "model", "{}"),
+    ("params_m", "params (M)", "{:.2f}"),
+    ("macs_g", "MACs (G)", "{:.2f}"),
+    ("macs_paper_g", "MACs, paper conv. (G)", "{:.2f}"),
+    ("throughput", "img/s", "{:.1f}"),
+    ("latency_ms", "latency (ms)", "{:.1f}"),
+    ("peak_mem_mb", "peak mem (MB)", "{:.0f}"),
+]
+
+
+def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of benchmark rows (columns that no row has are left out)."""
+    cols = [c for c in _COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [fmt.format(r[k]) if r.get(k) is not None else "–" for k, _, fmt in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[dict[str, Any]], out_dir: os.PathLike, stem: str = "bench") -> list[Path]:
+    """Write rows as JSON, CSV and markdown into ``out_dir``; return the paths."""
+    out = Path(out_dir)
+    buf = io.StringIO()
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.md"]
+    atomic_write_text(paths[0], json.dumps(list(rows), indent=2))
+    atomic_write_text(paths[1], buf.getvalue())
+    atomic_write_text(paths[2], to_markdown(rows) + "\n")
+    return paths

@@ -1,0 +1,101 @@
+"""The ``tokenmixers`` command line: a thin layer over the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+
+def _size(text: str) -> tuple[int, int]:
+    """Parse ``224`` or ``224x320`` into (H, W)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 224 or 224x320, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 224 or 224x320, got {text!r}")
+    return parts[0], parts[1]
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    """Print the registered models (with their family, mixer and size) or the mixers."""
+    import tokenmixers
+    from tokenmixers.bench import count_params
+    from tokenmixers.zoo import MODEL_FAMILY, model_args
+
+    if args.mixers:
+        for name in tokenmixers.list_mixers():
+            print(name)
+        return
+    import torch
+
+    for name in tokenmixers.list_models(args.pattern):
+        with torch.device("meta"):
+            params = count_params(tokenmixers.create_model(name))
+        print(f"{name:36s} family={MODEL_FAMILY[name]:12s} mixer={model_args(name)['mixer']:8s} params={params / 1e6:7.2f}M")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Benchmark models and write JSON/CSV/markdown."""
+    from tokenmixers.bench import benchmark, to_markdown, write_results
+
+    rows = benchmark(
+        args.models,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        speed=not args.no_speed,
+        iters=args.iters,
+    )
+    print(to_markdown(rows))
+    if args.out:
+        paths = write_results(rows, args.out)
+        print(f"\nwrote {', '.join(map(str, paths))}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="tokenmixers", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered models (or mixers)")
+    p.add_argument("pattern", nargs="?", default="*", help="glob over model names, e.g. 'unified_*_tiny'")
+    p.add_argument("--mixers", action="store_true", help="list the registered mixers instead")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("bench", help="params, MACs, throughput, latency and memory of models")
+    p.add_argument("models", nargs="+", help="model names or globs, e.g. 'unified_*_micro'")
+    p.add_argument("--input-size", type=_size, default=(224, 224), help="H or HxW (default 224)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--iters", type=int, default=7, help="timed iterations (median is reported)")
+    p.add_argument("--no-speed", action="store_true", help="only params and MACs")
+    p.add_argument("--out", default=None, help="folder for bench.json / bench.csv / bench.md")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of the ``tokenmixers`` command."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"tokenmixers {args.command}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Atomic file writes: a crash never leaves a half-written result or checkpoint behind."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, IO
+
+
+def atomic_write(path: os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: os.PathLike, text: str) -> Path:
+    """Write a UTF-8 text file atomically."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -1,0 +1,66 @@
+"""Small shape helpers shared by the windowed mixers (all tensors channels-last)."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad ``(B, H, W, C)`` at the bottom and right so that H and W divide ``multiple``."""
+    _, H, W, _ = x.shape
+    pad_h, pad_w = -H % multiple, -W % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """``(B, H, W, C)`` with H, W divisible by ``window`` -> ``(B, nH * nW, window * window, C)``."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, (H // window) * (W // window), window * window, C)
+
+
+def window_merge(x: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B, nH * nW, window**2, C) -> (B, H, W, C)``."""
+    B, _, _, C = x.shape
+    x = x.view(B, H // window, W // window, window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+
+def masked_value(dtype: torch.dtype) -> float:
+    """The additive logit used for masked keys: the most negative finite value of ``dtype``."""
+    return torch.finfo(dtype).min
+
+
+def num_windows(size: int, window: int) -> int:
+    """How many windows of ``window`` cover ``size`` once it is padded to a multiple."""
+    return math.ceil(size / window)
+
+
+F_ = TypeVar("F_", bound=Callable[..., Any])
+
+
+def size_cache(fn: F_) -> F_:
+    """Memoise a pure function of sizes/devices/dtypes that builds constant tensors (masks, indices).
+
+    The cache is bypassed while ``torch.compile``/``torch.export`` trace (their fake tensors must not
+    be stored) and for the meta device.
+    """
+    cache: dict[tuple, Any] = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        if torch.compiler.is_compiling() or any(isinstance(a, torch.device) and a.type == "meta" for a in args):
+            return fn(*args)
+        if args not in cache:
+            if len(cache) >= 128:
+                cache.clear()
+            cache[args] = fn(*args)
+        return cache[args]
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,127 @@
+"""Shifted-window attention (Swin Transformer, Liu et al. 2021).
+
+Tokens attend within non-overlapping ``window x window`` windows with a learned relative position
+bias; blocks with an odd ``block_index`` first roll the map by ``shift`` so that windows straddle
+the previous block's boundaries, and mask the pairs that the roll brought together.
+
+Any size: the map is zero-padded at the bottom/right to a multiple of the window and padded
+tokens are masked (a real query never attends to a padded key). Masks are built for the actual
+padded size and cached per size.
+
+Shift rule: an axis is shifted only if the map needs more than one window along it. At 224x224
+this is exactly the official models (stage 4's 7x7 map fits one window and is never shifted).
+At larger inputs (e.g. 448, or detection-sized images) every stage whose map exceeds one window
+shifts on odd blocks, as the detection variant of the official code does; the official
+classification models instead keep their 224-sized masks and misapply them at other sizes.
+A map smaller than one window is padded and masked, which equals attention over the whole
+map with the same relative-bias table.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import trunc_normal_
+
+from ..layers import masked_value, num_windows, pad_to_multiple, size_cache, window_merge, window_partition
+from . import TokenMixer, register_mixer
+
+
+@size_cache
+def relative_position_index(window: int, device: torch.device) -> torch.Tensor:
+    """``(window**2, window**2)`` index into a ``(2 * window - 1) ** 2`` bias table (Swin layout)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
+
+
+@size_cache
+def window_mask(
+    H: int, W: int, window: int, shift_h: int, shift_w: int, device: torch.device, dtype: torch.dtype
+) -> Optional[torch.Tensor]:
+    """Additive mask ``(nWindows, 1, window**2, window**2)`` for a shifted, padded map, or None.
+
+    Tokens may attend to each other only if they come from the same region of the rolled map
+    (the Swin shift mask) and are both real or both padding.
+    """
+    Hp, Wp = num_windows(H, window) * window, num_windows(W, window) * window
+    if (Hp, Wp, shift_h, shift_w) == (H, W, 0, 0):
+        return None
+
+    def regions(size: int, shift: int) -> torch.Tensor:
+        r = torch.zeros(size, dtype=torch.long)
+        if shift:
+            r[size - window : size - shift] = 1
+            r[size - shift :] = 2
+        return r
+
+    region = regions(Hp, shift_h)[:, None] * 3 + regions(Wp, shift_w)[None, :]
+    pad = torch.zeros(Hp, Wp, dtype=torch.long)
+    pad[H:, :] = 1
+    pad[:, W:] = 1
+    group = region * 2 + torch.roll(pad, (-shift_h, -shift_w), (0, 1))
+    group = window_partition(group[None, :, :, None], window)[0, :, :, 0]  # nW, N
+    different = group[:, :, None] != group[:, None, :]
+    mask = torch.zeros(different.shape, dtype=dtype).masked_fill(different, masked_value(dtype))
+    return mask.unsqueeze(1).to(device)
+
+
+@register_mixer("swin")
+class ShiftedWindowAttention(TokenMixer):
+    """Window attention with relative position bias; odd blocks use shifted windows."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 1,
+        block_index: int = 0,
+        *,
+        window_size: int = 7,
+        shift_size: Optional[int] = None,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__(dim, num_heads, block_index)
+        shift = window_size // 2 if shift_size is None else shift_size
+        if not 0 <= shift < window_size:
+            raise ValueError(f"shift_size must be in [0, window_size={window_size}), got {shift}")
+        self.window_size = window_size
+        self.shift_size = shift if block_index % 2 == 1 else 0
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.proj = nn.Linear(dim, dim)
+
+    def no_weight_decay(self) -> set[str]:
+        """The relative position bias table is not decayed."""
+        return {"relative_position_bias_table"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``."""
+        B, H, W, C = x.shape
+        ws, heads, d, N = self.window_size, self.num_heads, self.head_dim, self.window_size**2
+        shift_h = self.shift_size if H > ws else 0
+        shift_w = self.shift_size if W > ws else 0
+
+        x = pad_to_multiple(x, ws)
+        Hp, Wp = x.shape[1:3]
+        if shift_h or shift_w:
+            x = torch.roll(x, (-shift_h, -shift_w), (1, 2))
+        windows = window_partition(x, ws)  # B, nW, N, C
+        nW = windows.shape[1]
+        qkv = self.qkv(windows).view(B, nW, N, 3, heads, d).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.reshape(3, B, nW * heads, N, d).unbind(0)
+
+        index = relative_position_index(ws, x.device)
+        bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # heads, N, N
+        mask = window_mask(H, W, ws, shift_h, shift_w, x.device, bias.dtype)
+        bias = bias.expand(nW, heads, N, N) if mask is None else bias + mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, nW * heads, N, N))
+
+        out = out.view(B, nW, heads, N, d).transpose(2, 3).reshape(B, nW, N, C)
+        out = window_merge(out, ws, Hp, Wp)
+        if shift_h or shift_w:
+            out = torch.roll(out, (shift_h, shift_w), (1, 2))
+        return self.proj(out[:, :H, :W])

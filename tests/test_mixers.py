@@ -1,0 +1,298 @@
+"""The mixer contract, padding/masking correctness and exact geometry of each mixer."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokenmixers.mixers.halo as halo_module
+import tokenmixers.mixers.swin as swin_module
+from tokenmixers.layers import window_partition
+from tokenmixers.mixers import create_mixer, list_mixers, mixer_options
+
+MIXER_CASES = {
+    "halo": dict(num_heads=2),
+    "sra": dict(num_heads=2, sr_ratio=4),
+    "swin": dict(num_heads=2, block_index=1),
+    "dwconv": dict(),
+    "dcnv3": dict(num_heads=2),
+}
+
+
+def _init(mixer: torch.nn.Module) -> torch.nn.Module:
+    """Give every parameter a visible random value (gammas/offsets are not zero)."""
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.normal_(0, 0.3)
+    return mixer.double().eval()
+
+
+def test_every_builtin_mixer_is_covered() -> None:
+    assert set(MIXER_CASES) <= set(list_mixers())
+
+
+@pytest.mark.parametrize("name", sorted(MIXER_CASES))
+@pytest.mark.parametrize("size", [(1, 1), (7, 7), (11, 13), (16, 9), (29, 30)])
+def test_layout_contract(name: str, size: tuple[int, int]) -> None:
+    mixer = _init(create_mixer(name, 32, **MIXER_CASES[name]))
+    x = torch.randn(3, *size, 32, dtype=torch.float64)
+    out = mixer(x)
+    assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
+    # samples never mix
+    assert torch.allclose(mixer(x[1:2]), out[1:2], atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(MIXER_CASES))
+def test_gradients_reach_every_parameter(name: str) -> None:
+    mixer = create_mixer(name, 32, **MIXER_CASES[name])
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 15, 17, 32, requires_grad=True)
+    mixer(x).square().sum().backward()
+    for pname, p in mixer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(MIXER_CASES))
+def test_unknown_option_is_clear(name: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown option.*'bogus'.*for mixer '{name}'; accepted options"):
+        create_mixer(name, 32, bogus=1)
+    assert "bogus" not in mixer_options(name)
+
+
+# -- Halo ---------------------------------------------------------------------------------------
+
+
+def naive_halo(m: halo_module.HaloAttention, x: torch.Tensor) -> torch.Tensor:
+    """Loop over every query pixel; keys are the in-map pixels of its block's window."""
+    _, H, W, C = x.shape
+    heads, d, bs, win, off = m.num_heads, m.head_dim, m.block_size, m.window, m.query_offset
+    q = m.q(x)[0].view(H, W, heads, d)
+    kv = m.kv(x)[0].view(H, W, heads, 2 * d)
+    k, v = kv[..., :d], kv[..., d:]
+    out = torch.zeros(H, W, heads, d, dtype=x.dtype)
+    for i in range(H):
+        for j in range(W):
+            top, left = i // bs * bs - off, j // bs * bs - off
+            keys = [(r, c) for r in range(top, top + win) for c in range(left, left + win) if 0 <= r < H and 0 <= c < W]
+            for h in range(heads):
+                logits = torch.stack(
+                    [
+                        q[i, j, h] @ k[r, c, h] * d**-0.5
+                        + q[i, j, h] @ m.height_rel[(r - top) - i % bs + win - 1]
+                        + q[i, j, h] @ m.width_rel[(c - left) - j % bs + win - 1]
+                        for r, c in keys
+                    ]
+                )
+                weights = logits.softmax(0)
+                out[i, j, h] = sum(w * v[r, c, h] for w, (r, c) in zip(weights, keys))
+    return m.proj(out.reshape(1, H, W, C))
+
+
+@pytest.mark.parametrize("size", [(7, 7), (10, 12), (15, 8)])
+@pytest.mark.parametrize("options", [{}, {"query_offset": 0}, {"halo_size": 1}])
+def test_halo_matches_naive(size: tuple[int, int], options: dict) -> None:
+    m = _init(create_mixer("halo", 8, num_heads=2, **options))
+    x = torch.randn(1, *size, 8, dtype=torch.float64)
+    assert torch.allclose(m(x), naive_halo(m, x), atol=1e-10)
+
+
+def test_halo_padding_never_acts_as_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = _init(create_mixer("halo", 16, num_heads=2))
+    x = torch.randn(2, 10, 12, 16, dtype=torch.float64)
+    expected = m(x)
+    real_pad = F.pad
+
+    def garbage_pad(t: torch.Tensor, pad: tuple, *args: object, **kwargs: object) -> torch.Tensor:
+        return real_pad(t, pad, value=1e3)  # padded keys/values full of large numbers
+
+    monkeypatch.setattr(halo_module.F, "pad", garbage_pad)
+    assert torch.allclose(m(x), expected, atol=1e-10)
+
+
+def test_halo_switch_and_shift_variants() -> None:
+    even = create_mixer("halo", 32, num_heads=1, block_index=0, halo_every=2)
+    odd = create_mixer("halo", 32, num_heads=1, block_index=1, halo_every=2)
+    assert (even.window, odd.window) == (7, 13)
+    assert even.height_rel.shape == (13, 32) and odd.height_rel.shape == (25, 32)
+    shifted = create_mixer("halo", 32, num_heads=1, query_offset=0)
+    assert shifted.window == 13 and shifted.query_offset == 0
+
+
+# -- Swin ---------------------------------------------------------------------------------------
+
+
+def naive_swin(m: swin_module.ShiftedWindowAttention, x: torch.Tensor) -> torch.Tensor:
+    """Loop over queries; keys are real pixels in the same rolled window that were not wrapped by the roll."""
+    _, H, W, C = x.shape
+    heads, d, ws = m.num_heads, m.head_dim, m.window_size
+    sh = m.shift_size if H > ws else 0
+    sw = m.shift_size if W > ws else 0
+    Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
+    q, k, v = m.qkv(x)[0].view(H, W, 3, heads, d).unbind(2)
+    out = torch.zeros(H, W, heads, d, dtype=x.dtype)
+
+    def window(i: int, j: int) -> tuple[int, int]:
+        return ((i - sh) % Hp) // ws, ((j - sw) % Wp) // ws
+
+    for i in range(H):
+        for j in range(W):
+            keys = [
+                (r, c)
+                for r in range(H)
+                for c in range(W)
+                if window(r, c) == window(i, j) and abs(r - i) < ws and abs(c - j) < ws
+            ]
+            for h in range(heads):
+                logits = torch.stack(
+                    [
+                        q[i, j, h] @ k[r, c, h] * d**-0.5
+                        + m.relative_position_bias_table[(i - r + ws - 1) * (2 * ws - 1) + (j - c + ws - 1), h]
+                        for r, c in keys
+                    ]
+                )
+                out[i, j, h] = sum(w * v[r, c, h] for w, (r, c) in zip(logits.softmax(0), keys))
+    return m.proj(out.reshape(1, H, W, C))
+
+
+@pytest.mark.parametrize("block_index", [0, 1])
+@pytest.mark.parametrize("size", [(5, 6), (7, 7), (14, 14), (9, 16), (16, 9)])
+def test_swin_matches_naive(block_index: int, size: tuple[int, int]) -> None:
+    m = _init(create_mixer("swin", 8, num_heads=2, block_index=block_index))
+    x = torch.randn(1, *size, 8, dtype=torch.float64)
+    assert torch.allclose(m(x), naive_swin(m, x), atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [(14, 14), (28, 21), (56, 56)])
+def test_swin_mask_equals_official_construction(size: tuple[int, int]) -> None:
+    # the official (224-only) construction: label 9 regions of the padded map, compare labels per window
+    H, W = size
+    ws, shift = 7, 3
+    img = torch.zeros(1, H, W, 1)
+    count = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[:, hs, wsl, :] = count
+            count += 1
+    labels = window_partition(img, ws)[0, :, :, 0]
+    official = labels[:, None, :] != labels[:, :, None]
+    ours = swin_module.window_mask(H, W, ws, shift, shift, torch.device("cpu"), torch.float32)[:, 0] < 0
+    assert torch.equal(ours, official)
+
+
+def test_swin_padding_never_acts_as_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = _init(create_mixer("swin", 16, num_heads=2, block_index=1))
+    x = torch.randn(2, 10, 17, 16, dtype=torch.float64)
+    expected = m(x)
+
+    def garbage_pad(t: torch.Tensor, multiple: int) -> torch.Tensor:
+        _, H, W, _ = t.shape
+        padded = torch.full((t.shape[0], math.ceil(H / multiple) * multiple, math.ceil(W / multiple) * multiple, t.shape[3]), 1e3, dtype=t.dtype)
+        padded[:, :H, :W] = t
+        return padded
+
+    monkeypatch.setattr(swin_module, "pad_to_multiple", garbage_pad)
+    assert torch.allclose(m(x), expected, atol=1e-10)
+
+
+def test_swin_shift_rule() -> None:
+    odd = create_mixer("swin", 32, num_heads=1, block_index=1)
+    even = create_mixer("swin", 32, num_heads=1, block_index=0)
+    assert (odd.shift_size, even.shift_size) == (3, 0)
+    # a 7x7 map fits one window: no mask at all (exactly the official stage-4 behaviour)
+    assert swin_module.window_mask(7, 7, 7, 0, 0, torch.device("cpu"), torch.float32) is None
+
+
+# -- SRA (PVT) ------------------------------------------------------------------------------------
+
+
+def test_sra_is_attention_over_reduced_tokens() -> None:
+    m = _init(create_mixer("sra", 16, num_heads=2, sr_ratio=2))
+    x = torch.randn(1, 6, 8, 16, dtype=torch.float64)
+    kv_in = m.norm(m.sr(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2))  # (1, 12, C)
+    q = m.q(x).view(1, 48, 2, 8).transpose(1, 2)
+    k, v = m.kv(kv_in).view(1, 12, 2, 2, 8).permute(2, 0, 3, 1, 4)
+    attn = (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1)
+    expected = m.proj((attn @ v).transpose(1, 2).reshape(1, 6, 8, 16))
+    assert torch.allclose(m(x), expected, atol=1e-12)
+
+
+def test_sra_non_divisible_size_uses_every_pixel() -> None:
+    m = _init(create_mixer("sra", 16, num_heads=2, sr_ratio=4))
+    x = torch.randn(1, 9, 10, 16, dtype=torch.float64)
+    assert m.reduce(x).shape == (1, 3 * 3, 16)
+    y = x.clone()
+    y[:, -1, -1] += 1.0  # the bottom-right pixel is in a partial cell and still changes the keys
+    assert not torch.allclose(m(x), m(y))
+
+
+# -- DCNv3 --------------------------------------------------------------------------------------
+
+
+def _dcn(dim: int = 32, groups: int = 2) -> torch.nn.Module:
+    m = _init(create_mixer("dcnv3", dim, num_heads=groups))
+    with torch.no_grad():
+        for layer in (m.sampling_offsets, m.attention_weights):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    return m
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 9), (14, 14)])
+def test_dcn_zero_offsets_is_average_pool(size: tuple[int, int]) -> None:
+    m = _dcn()
+    x = torch.randn(2, *size, 32, dtype=torch.float64)
+    value = m.value_proj(x).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(value, 3, stride=1, padding=1, count_include_pad=True).permute(0, 2, 3, 1)
+    # reference points carry the official float32 rounding (~1e-7 px), hence the tolerance
+    assert torch.allclose(m(x), m.output_proj(pooled), atol=1e-6)
+
+
+def test_dcn_point_order_is_x_outer() -> None:
+    # all weight on point p = 1 = (a=0, b=1) -> (dx, dy) = (-1, 0): read the left neighbour
+    m = _dcn(dim=16, groups=1)
+    with torch.no_grad():
+        m.attention_weights.bias[1] = 100.0
+    x = torch.randn(1, 6, 7, 16, dtype=torch.float64)
+    value = m.value_proj(x)
+    left = F.pad(value, (0, 0, 1, 0))[:, :, :-1]  # value[i, j - 1], zero outside
+    assert torch.allclose(m(x), m.output_proj(left), atol=1e-6)
+
+
+def test_dcn_offsets_are_x_then_y() -> None:
+    # centre point (p = 4) with a learned offset of (+1, 0) pixels reads the right neighbour
+    m = _dcn(dim=16, groups=1)
+    with torch.no_grad():
+        m.attention_weights.bias[4] = 100.0
+        m.sampling_offsets.bias[2 * 4] = 1.0  # x component of point 4
+    x = torch.randn(1, 5, 6, 16, dtype=torch.float64)
+    value = m.value_proj(x)
+    right = F.pad(value, (0, 0, 0, 1))[:, :, 1:]
+    assert torch.allclose(m(x), m.output_proj(right), atol=1e-6)
+
+
+def test_dcn_fractional_offset_is_bilinear() -> None:
+    m = _dcn(dim=16, groups=1)
+    with torch.no_grad():
+        m.attention_weights.bias[4] = 100.0
+        m.sampling_offsets.bias[2 * 4 + 1] = 0.25  # a quarter pixel down
+    x = torch.randn(1, 5, 6, 16, dtype=torch.float64)
+    value = m.value_proj(x)
+    below = F.pad(value, (0, 0, 0, 0, 0, 1))[:, 1:]
+    assert torch.allclose(m(x), m.output_proj(0.75 * value + 0.25 * below), atol=1e-6)
+
+
+# -- DWConv -------------------------------------------------------------------------------------
+
+
+def test_dwconv_is_projections_around_a_depthwise_conv() -> None:
+    m = _init(create_mixer("dwconv", 8))
+    x = torch.randn(1, 9, 5, 8, dtype=torch.float64)
+    inner = F.conv2d(m.in_proj(x).permute(0, 3, 1, 2), m.dwconv.weight, m.dwconv.bias, padding=3, groups=8)
+    assert torch.allclose(m(x), m.out_proj(inner.permute(0, 2, 3, 1)), atol=1e-12)
+    plain = create_mixer("dwconv", 8, projections=False)
+    assert sum(p.numel() for p in plain.parameters()) == 8 * 49 + 8

@@ -1,0 +1,148 @@
+"""Every paper model: forward/backward, any input size, the timm model surface, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+import tokenmixers
+
+from .conftest import MICRO_MODELS, PAPER_MODELS
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_forward_backward_small(name: str) -> None:
+    model = timm.create_model(name, num_classes=10)
+    x = torch.randn(2, 3, 64, 48)
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+@pytest.mark.parametrize("size", [(32, 32), (65, 97), (224, 224), (256, 320)])
+def test_any_input_size(name: str, size: tuple[int, int]) -> None:
+    if size[0] * size[1] > 100_000 and not name.endswith(("_micro", "_tiny")):
+        size = (size[0] // 2 + 1, size[1] // 2 + 3)  # keep the large models cheap: odd sizes instead
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        feats = model.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
+    for i, f in enumerate(feats):
+        stride = 4 * 2**i
+        assert f.shape[-2:] == (math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+        assert torch.isfinite(f).all()
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_features_only(name: str) -> None:
+    model = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3)).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    feats = model(torch.randn(1, 3, 96, 128))
+    assert [f.shape[1] for f in feats] == model.feature_info.channels()
+    assert [f.shape[-2:] for f in feats] == [(24, 32), (12, 16), (6, 8), (3, 4)]
+    partial = timm.create_model(name, features_only=True, out_indices=(1, 3))
+    assert len(partial(torch.randn(1, 3, 64, 64))) == 2
+
+
+@pytest.mark.parametrize("name", MICRO_MODELS)
+def test_timm_model_surface(name: str) -> None:
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, model.num_features, *model.pretrained_cfg["pool_size"])
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (2, model.head_hidden_size)
+        logits = model(x)
+        final, inter = model.forward_intermediates(x)
+        assert torch.allclose(final, feats) and torch.allclose(inter[-1], feats)
+        model.set_grad_checkpointing(True)
+        assert torch.allclose(model(x), logits, atol=1e-5)
+        model.set_grad_checkpointing(False)
+        model.reset_classifier(0)
+        assert model(x).shape == pre.shape
+        model.reset_classifier(0, "")
+        assert model(x).shape == (2, model.head_hidden_size, 7, 7)
+        model.reset_classifier(5, "avg")
+        assert model(x).shape == (2, 5)
+    assert model.get_classifier() is model.head.fc
+    groups = model.group_matcher()
+    assert groups["stem"] == r"^stem"
+
+
+def test_grad_checkpointing_trains() -> None:
+    model = timm.create_model("unified_halo_micro", num_classes=3)
+    model.set_grad_checkpointing()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_no_weight_decay_names() -> None:
+    nwd = timm.create_model("unified_swin_micro").no_weight_decay()
+    assert "stages.0.blocks.0.mixer.relative_position_bias_table" in nwd
+    nwd = timm.create_model("unified_halo_micro").no_weight_decay()
+    assert {"stages.2.blocks.3.mixer.height_rel", "stages.2.blocks.3.mixer.width_rel"} <= nwd
+    model = timm.create_model("unified_pvt_micro")
+    nwd = model.no_weight_decay()
+    assert nwd == {f"stages.{i}.blocks.0.pos.pos_embed" for i in range(4)}
+    names = dict(model.named_parameters())
+    assert all(n in names for n in nwd)
+    assert timm.create_model("unified_convnext_micro").no_weight_decay() == set()
+
+
+def test_pvt_pos_embed_resized_to_grid() -> None:
+    model = timm.create_model("unified_pvt_micro")
+    pos = model.stages[0].blocks[0].pos
+    assert pos.pos_embed.shape == (1, 32, 56, 56)
+    x = torch.zeros(1, 20, 30, 32)
+    out = pos(x)
+    assert out.shape == x.shape
+    # corners are kept by align_corners=True resizing
+    assert torch.allclose(out[0, 0, 0], pos.pos_embed[0, :, 0, 0])
+    assert torch.allclose(out[0, -1, -1], pos.pos_embed[0, :, -1, -1])
+    assert torch.equal(pos(torch.zeros(1, 56, 56, 32))[0], pos.pos_embed[0].permute(1, 2, 0))
+
+
+def test_table_vi_switches() -> None:
+    base = dict(mixer="dwconv", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+    b = tokenmixers.UnifiedNet(**base, norm_after_pool=True)
+    assert isinstance(b.head.norm, torch.nn.LayerNorm)
+    c = tokenmixers.UnifiedNet(**base, norm_after_pool=True, stage_norms=False)
+    assert all(isinstance(s.norm, torch.nn.Identity) for s in c.stages)
+    d = tokenmixers.UnifiedNet(**base, block_style="convnext", mixer_args={"projections": False})
+    block = d.stages[0].blocks[0]
+    assert isinstance(block.norm1, torch.nn.Identity) and isinstance(block.ls1, torch.nn.Identity)
+    x = torch.randn(1, 3, 64, 64)
+    for model in (b, c, d):
+        assert model(x).shape == (1, 1000)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((1, 1, 64, 64), "expected 3 input channels, got 1"),
+        ((3, 64, 64), r"add a batch dimension"),
+        ((1, 3, 31, 64), "below the minimum size 32x32"),
+        ((1, 3, 64, 16), "below the minimum size 32x32"),
+    ],
+)
+def test_bad_input_is_clear(shape: tuple[int, ...], message: str) -> None:
+    model = timm.create_model("unified_halo_micro")
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(*shape))
+
+
+def test_bad_config_is_clear() -> None:
+    with pytest.raises(ValueError, match="unknown option.*'window'.*accepted options: window_size, shift_size"):
+        timm.create_model("unified_swin_micro", mixer_args={"window": 5})
+    with pytest.raises(KeyError, match="unknown mixer 'attention'.*registered mixers: dcnv3, dwconv, halo"):
+        tokenmixers.UnifiedNet("attention", (1,), (32,))
+    with pytest.raises(ValueError, match="unknown block_style 'metaformer'; accepted: transformer, convnext"):
+        timm.create_model("unified_halo_micro", block_style="metaformer")
+    with pytest.raises(ValueError, match="depths has 4 stages but dims has 3"):
+        tokenmixers.UnifiedNet("halo", (1, 1, 1, 1), (32, 64, 128))
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        tokenmixers.UnifiedNet("halo", (1,), (30,), heads=(4,))

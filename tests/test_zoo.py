@@ -1,0 +1,91 @@
+"""The model zoo: registration, exact parameter counts, the timm surface and clear errors."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import tokenmixers
+from tokenmixers.zoo import MODEL_ARGS
+
+from .conftest import PAPER_MODELS
+
+# numel of model.parameters() of the official STM-Evaluation models
+OFFICIAL_PARAMS = {
+    "unified_halo_micro": 4389672,
+    "unified_pvt_micro": 4454056,
+    "unified_swin_micro": 4381042,
+    "unified_convnext_micro": 4439624,
+    "unified_dcn_v3_micro": 4302692,
+    "unified_halo_tiny": 31523176,
+    "unified_pvt_tiny": 31157736,
+    "unified_swin_tiny": 31540546,
+    "unified_convnext_tiny": 31912360,
+    "unified_dcn_v3_tiny": 29933272,
+    "unified_halo_small": 52831336,
+    "unified_pvt_small": 50887656,
+    "unified_swin_small": 52867666,
+    "unified_convnext_small": 54393640,
+    "unified_dcn_v3_small": 50082280,
+    "unified_halo_base": 93327336,
+    "unified_pvt_base": 91566312,
+    "unified_swin_base": 93388576,
+    "unified_convnext_base": 95865576,
+    "unified_dcn_v3_base": 97465192,
+}
+
+
+def test_all_paper_models_registered() -> None:
+    assert set(PAPER_MODELS) <= set(tokenmixers.list_models())
+    assert set(PAPER_MODELS) <= set(timm.list_models("unified_*"))
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_param_count_equals_official(name: str) -> None:
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[name]
+
+
+def test_create_model_paths_agree() -> None:
+    a = tokenmixers.create_model("unified_swin_micro", num_classes=7)
+    b = timm.create_model("unified_swin_micro", num_classes=7)
+    assert type(a) is type(b) is tokenmixers.UnifiedNet
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert a.head.fc.out_features == 7
+
+
+def test_pretrained_cfg() -> None:
+    model = timm.create_model("unified_halo_tiny")
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224)
+    assert cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
+    assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and cfg["std"] == timm.data.IMAGENET_DEFAULT_STD
+    sd = model.state_dict()
+    assert cfg["first_conv"] + ".weight" in sd and cfg["classifier"] + ".weight" in sd
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert data_cfg["crop_pct"] == 0.875
+
+
+def test_unknown_model_name_is_clear() -> None:
+    with pytest.raises(KeyError, match="unknown model 'unified_halo_tinyy'.*unified_halo_tiny"):
+        tokenmixers.create_model("unified_halo_tinyy")
+    with pytest.raises(KeyError, match="unknown model"):
+        tokenmixers.model_args("nope")
+
+
+def test_zoo_is_data() -> None:
+    # every model is one config row: a mixer name plus constructor arguments
+    for name in PAPER_MODELS:
+        args = MODEL_ARGS[name]
+        assert args["mixer"] in tokenmixers.list_mixers()
+        assert len(args["depths"]) == len(args["dims"]) == 4
+
+
+def test_register_family_for_a_new_mixer() -> None:
+    # one registration gives the four budgets, in timm too
+    tokenmixers.register_family("test_dw5", "dwconv", mixer_args={"kernel_size": 5}, norm_eps=1e-6)
+    for scale in tokenmixers.SCALES:
+        assert timm.is_model(f"unified_test_dw5_{scale}")
+    model = timm.create_model("unified_test_dw5_micro")
+    assert model.stages[0].blocks[0].mixer.dwconv.kernel_size == (5, 5)
