@@ -23,17 +23,15 @@ def test_forward_backward_small(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", PAPER_MODELS)
-@pytest.mark.parametrize("size", [(32, 32), (65, 97), (224, 224), (256, 320)])
-def test_any_input_size(name: str, size: tuple[int, int]) -> None:
-    if size[0] * size[1] > 100_000 and not name.endswith(("_micro", "_tiny")):
-        size = (size[0] // 2 + 1, size[1] // 2 + 3)  # keep the large models cheap: odd sizes instead
+def test_any_input_size(name: str) -> None:
     model = timm.create_model(name).eval()
-    with torch.no_grad():
-        feats = model.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
-    for i, f in enumerate(feats):
-        stride = 4 * 2**i
-        assert f.shape[-2:] == (math.ceil(size[0] / stride), math.ceil(size[1] / stride))
-        assert torch.isfinite(f).all()
+    for size in [(32, 32), (65, 97), (224, 224), (256, 320)]:
+        with torch.no_grad():
+            feats = model.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
+        for i, f in enumerate(feats):
+            stride = 4 * 2**i
+            assert f.shape[-2:] == (math.ceil(size[0] / stride), math.ceil(size[1] / stride)), size
+            assert torch.isfinite(f).all()
 
 
 @pytest.mark.parametrize("name", PAPER_MODELS)
@@ -138,7 +136,7 @@ def test_bad_input_is_clear(shape: tuple[int, ...], message: str) -> None:
 def test_bad_config_is_clear() -> None:
     with pytest.raises(ValueError, match="unknown option.*'window'.*accepted options: window_size, shift_size"):
         timm.create_model("unified_swin_micro", mixer_args={"window": 5})
-    with pytest.raises(KeyError, match="unknown mixer 'attention'.*registered mixers: dcnv3, dwconv, halo"):
+    with pytest.raises(KeyError, match="unknown mixer .attention.; registered mixers: .*dwconv.*halo.*swin"):
         tokenmixers.UnifiedNet("attention", (1,), (32,))
     with pytest.raises(ValueError, match="unknown block_style 'metaformer'; accepted: transformer, convnext"):
         timm.create_model("unified_halo_micro", block_style="metaformer")

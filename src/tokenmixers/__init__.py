@@ -4,6 +4,7 @@
 >>> model = timm.create_model("unified_halo_tiny")          # or tokenmixers.create_model(...)
 """
 from .backbone import UnifiedNet
+from .checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_pretrained
 from .mixers import TokenMixer, create_mixer, get_mixer, list_mixers, register_mixer
 from .zoo import FAMILIES, SCALES, create_model, list_models, model_args, register_family, register_variant
 
@@ -11,6 +12,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "UnifiedNet",
+    "CheckpointError",
+    "load_checkpoint",
+    "load_pretrained",
+    "save_pretrained",
     "TokenMixer",
     "create_mixer",
     "get_mixer",

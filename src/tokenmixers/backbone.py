@@ -237,7 +237,9 @@ class UnifiedNet(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
     ) -> None:
+        self_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.model_args = self_args  # constructor arguments, saved with the weights
         n = len(depths)
         if len(dims) != n:
             raise ValueError(f"depths has {n} stages but dims has {len(dims)}")
@@ -354,6 +356,13 @@ class UnifiedNet(nn.Module):
         self.head.fc = nn.Linear(self.head.hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head.fc)
+
+    @torch.jit.ignore
+    def load_pretrained(self, path: str) -> None:
+        """Load weights from a checkpoint file (timm's ``pretrained_cfg_overlay=dict(file=...)`` path)."""
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(self, path)
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Raise a ``ValueError`` that names the problem for anything but ``(B, in_chans, H>=32, W>=32)``."""

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .backbone import Head
 from .files import atomic_write_text
-from .zoo import create_model, list_models
+from .zoo import FAMILIES, MODEL_FAMILY, create_model, list_models
 
 aten = torch.ops.aten
 
@@ -187,6 +187,9 @@ def benchmark(
     for name in resolve_models(models):
         model = create_model(name)
         row: dict[str, Any] = {"model": name, "params_m": count_params(model) / 1e6}
+        family = FAMILIES.get(MODEL_FAMILY.get(name, ""))
+        if family is not None and name.rsplit("_", 1)[-1] in family.paper_top1:
+            row["top1_reported"] = family.paper_top1[name.rsplit("_", 1)[-1]]
         macs = count_macs(model, input_size)
         row.update(macs_g=macs["macs"] / 1e9, macs_paper_g=macs["macs_paper"] / 1e9)
         if speed:
@@ -205,6 +208,7 @@ _COLUMNS = [
     ("throughput", "img/s", "{:.1f}"),
     ("latency_ms", "latency (ms)", "{:.1f}"),
     ("peak_mem_mb", "peak mem (MB)", "{:.0f}"),
+    ("top1_reported", "top-1 reported (%)", "{:.1f}"),
 ]
 
 

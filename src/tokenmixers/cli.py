@@ -59,6 +59,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"\nwrote {', '.join(map(str, paths))}")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Convert a checkpoint (e.g. an official one) into a ``save_pretrained`` folder."""
+    import tokenmixers
+
+    model = tokenmixers.create_model(args.model, **({"num_classes": args.num_classes} if args.num_classes is not None else {}))
+    report = tokenmixers.load_checkpoint(model, args.src, entry=args.entry, label_map=args.label_map)
+    print(report)
+    tokenmixers.save_pretrained(model, args.dst)
+    print(f"wrote {args.dst}/model.safetensors and {args.dst}/config.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="tokenmixers", description=__doc__)
@@ -82,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speed", action="store_true", help="only params and MACs")
     p.add_argument("--out", default=None, help="folder for bench.json / bench.csv / bench.md")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("convert", help="convert a checkpoint (official or ours) to model.safetensors + config.json")
+    p.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors) or save_pretrained folder")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--model", required=True, help="model name, e.g. unified_halo_tiny")
+    p.add_argument("--entry", default="auto", help="'auto' (model, else state_dict, else bare), 'model', 'ema' or a key")
+    p.add_argument("--num-classes", type=int, default=None, help="build the model with this many classes")
+    p.add_argument("--label-map", default=None, help="file with one source class index per line")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -91,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (KeyError, ValueError, FileNotFoundError) as err:
+    except (KeyError, ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"tokenmixers {args.command}: error: {message}", file=sys.stderr)
         sys.exit(2)

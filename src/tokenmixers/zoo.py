@@ -63,6 +63,7 @@ def _pretrained_cfg(**kwargs: Any) -> dict[str, Any]:
         first_conv="stem.conv1",
         classifier="head.fc",
         license="apache-2.0",
+        custom_load=True,  # weights files go through tokenmixers.load_checkpoint (conversion, checks)
         **kwargs,
     )
 
@@ -70,13 +71,30 @@ def _pretrained_cfg(**kwargs: Any) -> dict[str, Any]:
 def _build(name: str, pretrained: bool = False, **kwargs: Any) -> UnifiedNet:
     """Build a registered model through timm (pretrained loading, ``features_only``)."""
     args = {**copy.deepcopy(MODEL_ARGS[name]), **kwargs}
+    overlay = args.get("pretrained_cfg_overlay") or {}
+    if overlay.get("file"):
+        # route weight files through tokenmixers.load_checkpoint: conversion, the 'model' entry, clear errors
+        args["pretrained_cfg_overlay"] = {"custom_load": True, **overlay}
     return build_model_with_cfg(
         UnifiedNet,
         name,
         pretrained,
+        pretrained_filter_fn=_filter_pretrained,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **args,
     )
+
+
+def _filter_pretrained(state_dict: dict[str, torch.Tensor], model: UnifiedNet) -> dict[str, torch.Tensor]:
+    """timm's local-dir / hub path: convert and adapt the weights like ``load_checkpoint`` does."""
+    from .checkpoint import CheckpointError, adapt_state_dict
+    from .converters import to_tokenmixers
+
+    state_dict, _ = to_tokenmixers(state_dict)
+    state_dict, _, mismatched = adapt_state_dict(state_dict, model)
+    if mismatched:
+        raise CheckpointError("pretrained weights do not fit the model: " + "; ".join(mismatched[:5]))
+    return state_dict
 
 
 def register_model_args(name: str, args: dict[str, Any], family: str = "", **cfg: Any) -> None:

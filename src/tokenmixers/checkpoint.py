@@ -1,0 +1,407 @@
+"""Loading and saving weights, safely.
+
+* Reading never executes code: torch files go through ``torch.load(weights_only=True)``;
+  safetensors is preferred. A pickle that would import Python objects is refused with the
+  names of those objects.
+* Official checkpoints are converted (see :mod:`tokenmixers.converters`) and adapted where the
+  official loader adapts too: relative-position tables, Halo relative logits and PVT position
+  embeddings are resized, and the classifier is sliced by a label map or re-initialised when the
+  number of classes differs.
+* Loading is all-or-nothing: every key and shape is checked before the first tensor is copied,
+  so on any error the model keeps its previous weights.
+* Our own format, :func:`save_pretrained`, is the timm / Hugging Face hub layout:
+  ``model.safetensors`` + ``config.json`` (architecture, num_classes, model_args,
+  pretrained_cfg), readable by :func:`load_pretrained` and by
+  ``timm.create_model("local-dir:<folder>")``.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import pickletools
+import re
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .converters import to_tokenmixers
+from .files import atomic_write, atomic_write_text
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+StateDict = dict[str, torch.Tensor]
+PathLike = Union[str, Path]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did."""
+
+    path: str
+    source: str
+    entry: Optional[str]
+    adapted: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.path} ({self.source} layout{', entry ' + repr(self.entry) if self.entry else ''})"]
+        lines += [f"  adapted: {a}" for a in self.adapted]
+        if self.missing:
+            lines.append(f"  kept the model's own values for: {group_keys(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  ignored: {group_keys(self.unexpected)}")
+        return "\n".join(lines)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "numpy.")
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """Python objects a pickle (or torch zip checkpoint) would import, read without unpickling."""
+    data = path.read_bytes()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            data = b"".join(zf.read(n) for n in zf.namelist() if n.endswith(".pkl"))
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif op.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # a truncated stream still tells us what it had imported so far
+        pass
+    return sorted({g for g in found if not g.startswith(_SAFE_GLOBAL_PREFIXES)})
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with errors that say what is wrong with the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the safe unpickler raises many types on damaged input
+        unsafe = _pickle_globals(path)
+        if unsafe:
+            raise CheckpointError(
+                f"{path} was refused by the safe loader: unpickling it would import {', '.join(unsafe)}, "
+                "which could execute code. tokenmixers never unpickles arbitrary objects. If you trust the file, "
+                "re-save only its tensors elsewhere (e.g. torch.save(ckpt['model'], 'weights.pth')) or convert it "
+                "to safetensors."
+            ) from None
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint: the file is truncated or corrupt "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+        ) from None
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    """Read a safetensors file with a clear error for a damaged one."""
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a valid safetensors file; it is truncated or corrupt ({err})") from None
+
+
+def read_state_dict(path: PathLike, entry: str = "auto") -> tuple[StateDict, Optional[str]]:
+    """Read the tensors of a checkpoint file or a ``save_pretrained`` folder.
+
+    Args:
+        path: ``.safetensors``, a torch checkpoint (``.pth``/``.pt``/``.bin``) or a folder with
+            ``model.safetensors``.
+        entry: which state dict of a training checkpoint: ``"auto"`` (``model``, else
+            ``state_dict``, else a bare state dict), ``"model"``, ``"ema"`` (``model_ema`` or
+            ``state_dict_ema``) or any other top-level key.
+
+    Returns:
+        The state dict (``module.`` prefixes removed) and the entry it came from.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(9)  # safetensors: 8-byte little-endian header length, then a JSON header
+    is_safetensors = len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+    if path.suffix == ".safetensors" or is_safetensors:
+        obj: Any = _read_safetensors(path)
+    else:
+        obj = _torch_load(path)
+
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return _pick_entry(obj, entry, str(path))
+
+
+def _pick_entry(obj: dict[str, Any], entry: str, where: str) -> tuple[StateDict, Optional[str]]:
+    """Select the state dict of a (training) checkpoint and strip DDP's ``module.`` prefix."""
+    wanted = {"auto": ["model", "state_dict"], "ema": ["model_ema", "state_dict_ema"]}.get(entry, [entry])
+    chosen = next((k for k in wanted if isinstance(obj.get(k), dict)), None)
+    if chosen is None and entry != "auto":
+        raise CheckpointError(f"{where} has no {entry!r} entry; its top-level keys are {sorted(obj)[:10]}")
+    state_dict = obj[chosen] if chosen else obj
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{where} contains no tensors (top-level keys: {sorted(obj)[:10]})")
+    return {k.removeprefix("module."): v for k, v in tensors.items()}, chosen
+
+
+# -- comparing and adapting --------------------------------------------------------------------------
+
+
+def group_keys(keys: Sequence[str], limit: int = 6) -> str:
+    """Summarise many keys as patterns with counts, e.g. ``stages.*.blocks.*.mixer.q.weight (x15)``."""
+    counts = Counter(re.sub(r"\.\d+(?=\.)", ".*", k) for k in keys)
+    parts = [f"{pattern} (x{n})" if n > 1 else pattern for pattern, n in counts.most_common(limit)]
+    if len(counts) > limit:
+        parts.append(f"... {len(counts) - limit} more patterns")
+    return f"{len(keys)} entries: " + ", ".join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(name: str) -> frozenset[tuple[str, tuple[int, ...]]]:
+    """Keys and shapes of a registered model, built on the meta device."""
+    from .zoo import create_model
+
+    with torch.device("meta"):
+        model = create_model(name)
+    return frozenset((k, tuple(v.shape)) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked"))
+
+
+def guess_architecture(state_dict: StateDict) -> Optional[str]:
+    """The registered model whose parameter names and shapes a (converted) state dict matches best."""
+    from .zoo import list_models
+
+    squeeze = lambda shape: tuple(d for d in shape if d != 1)  # noqa: E731  1x1 conv vs Linear, gamma layouts
+    ours = {(k, squeeze(v.shape)) for k, v in state_dict.items() if not k.startswith("head.fc.")}
+    best, best_score = None, 0.0
+    for name in list_models():
+        theirs = {(k, squeeze(s)) for k, s in _signature(name) if not k.startswith("head.fc.")}
+        score = len(ours & theirs) / max(len(ours | theirs), 1)
+        if score > best_score:
+            best, best_score = name, score
+    return best if best_score > 0.8 else None
+
+
+def _squeezed_equal(a: torch.Size, b: torch.Size) -> bool:
+    return [d for d in a if d != 1] == [d for d in b if d != 1]
+
+
+def _resize_table(value: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic resize of a Swin bias table ``(S*S, heads)`` to ``(size, heads)``."""
+    s, t = int(value.shape[0] ** 0.5), int(size**0.5)
+    grid = value.T.reshape(1, value.shape[1], s, s).float()
+    return F.interpolate(grid, size=(t, t), mode="bicubic").reshape(value.shape[1], size).T.to(value.dtype)
+
+
+def _resize_rel(value: torch.Tensor, size: int) -> torch.Tensor:
+    """Linear resize of a Halo relative-logit table ``(2w-1, d)`` to ``(size, d)``."""
+    out = F.interpolate(value.T[None].float(), size=size, mode="linear", align_corners=True)
+    return out[0].T.to(value.dtype)
+
+
+def _resize_pos(value: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a PVT position embedding ``(1, C, h, w)``."""
+    return F.interpolate(value.float(), size=size, mode="bilinear", align_corners=True).to(value.dtype)
+
+
+def _read_label_map(label_map: Union[PathLike, Sequence[int]]) -> list[int]:
+    """A label map file has one source class index per line (the official format)."""
+    if isinstance(label_map, (str, Path)):
+        lines = Path(label_map).read_text().split()
+        try:
+            return [int(v) for v in lines]
+        except ValueError:
+            raise CheckpointError(f"label map {label_map} must hold one integer class index per line") from None
+    return [int(v) for v in label_map]
+
+
+def adapt_state_dict(
+    state_dict: StateDict, model: nn.Module, label_map: Optional[Union[PathLike, Sequence[int]]] = None
+) -> tuple[StateDict, list[str], list[str]]:
+    """Fit a converted state dict to ``model``; return it, the adaptations made and unfixable mismatches."""
+    target = model.state_dict()
+    out: StateDict = {}
+    adapted: list[str] = []
+    mismatched: list[str] = []
+    for key, value in state_dict.items():
+        if key not in target:
+            out[key] = value
+            continue
+        want = target[key].shape
+        if value.shape == want:
+            out[key] = value
+        elif value.numel() == target[key].numel() and _squeezed_equal(value.shape, want):
+            out[key] = value.reshape(want)
+        elif key.endswith("relative_position_bias_table") and value.ndim == 2 and value.shape[1] == want[1]:
+            out[key] = _resize_table(value, want[0])
+            adapted.append(f"{key}: bicubic {tuple(value.shape)} -> {tuple(want)}")
+        elif key.endswith(("height_rel", "width_rel")) and value.ndim == 2 and value.shape[1] == want[1]:
+            out[key] = _resize_rel(value, want[0])
+            adapted.append(f"{key}: linear {tuple(value.shape)} -> {tuple(want)}")
+        elif key.endswith("pos_embed") and value.ndim == 4 and value.shape[:2] == want[:2]:
+            out[key] = _resize_pos(value, tuple(want[2:]))
+            adapted.append(f"{key}: bilinear {tuple(value.shape)} -> {tuple(want)}")
+        elif key.startswith("head.fc.") and value.shape[1:] == want[1:]:
+            if label_map is not None:
+                rows = _read_label_map(label_map)
+                if len(rows) != want[0] or max(rows) >= value.shape[0] or min(rows) < 0:
+                    raise CheckpointError(
+                        f"label map has {len(rows)} entries (indices up to {max(rows)}) but the model has "
+                        f"{want[0]} classes and the checkpoint {value.shape[0]}"
+                    )
+                out[key] = value[rows]
+                adapted.append(f"{key}: rows selected by the label map ({value.shape[0]} -> {want[0]} classes)")
+            elif key.endswith("weight"):
+                adapted.append(f"head.fc: checkpoint has {value.shape[0]} classes, model {want[0]}: classifier re-initialised")
+        elif key == "stem.conv1.weight" and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
+            from timm.models import adapt_input_conv
+
+            out[key] = adapt_input_conv(want[1], value)
+            adapted.append(f"{key}: input channels {value.shape[1]} -> {want[1]}")
+        else:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
+    if not any(k.startswith("head.fc.") for k in target):
+        dropped = [k for k in out if k.startswith("head.fc.")]
+        for k in dropped:
+            del out[k]
+        if dropped:
+            adapted.append("head.fc: the model has no classifier, checkpoint classifier dropped")
+    return out, adapted, mismatched
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: Union[PathLike, Mapping[str, Any]],
+    *,
+    entry: str = "auto",
+    strict: bool = True,
+    label_map: Optional[Union[PathLike, Sequence[int]]] = None,
+) -> LoadReport:
+    """Load weights from any supported file into ``model``, all or nothing.
+
+    Args:
+        model: the model to load into.
+        path: checkpoint file, ``save_pretrained`` folder or an in-memory checkpoint / state
+            dict (official STM-Evaluation layouts are converted automatically).
+        entry: which state dict of a training checkpoint (see :func:`read_state_dict`).
+        strict: require every model parameter to be in the checkpoint and nothing else.
+        label_map: file (one class index per line) or list selecting classifier rows.
+
+    Returns:
+        A :class:`LoadReport`; raises :class:`CheckpointError` without touching the model otherwise.
+    """
+    if isinstance(path, Mapping):
+        raw, chosen = _pick_entry(dict(path), entry, "the given checkpoint")
+        path = "<state dict>"
+    else:
+        raw, chosen = read_state_dict(path, entry)
+    converted, source = to_tokenmixers(raw)
+    fitted, adapted, mismatched = adapt_state_dict(converted, model, label_map)
+    target = model.state_dict()
+    reinit_head = any(a.startswith("head.fc:") for a in adapted)
+    missing = [
+        k
+        for k in target
+        if k not in converted and not k.endswith("num_batches_tracked") and not (reinit_head and k.startswith("head.fc."))
+    ]
+    unexpected = [k for k in converted if k not in target and not (k.startswith("head.fc.") and reinit_head)]
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointError(_mismatch_message(path, model, converted, mismatched, missing, unexpected))
+    model.load_state_dict({k: fitted.get(k, v) for k, v in target.items()}, strict=True)
+    return LoadReport(str(path), source, chosen, adapted, missing, unexpected)
+
+
+def _mismatch_message(
+    path: PathLike, model: nn.Module, state_dict: StateDict, mismatched: list[str], missing: list[str], unexpected: list[str]
+) -> str:
+    """A grouped explanation of why a checkpoint does not fit, naming the architecture it looks like."""
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    lines = [f"checkpoint {path} does not fit {arch}; the model was left unchanged."]
+    guess = guess_architecture(state_dict)
+    if guess and guess != arch:
+        lines.append(f"This checkpoint looks like {guess}, not {arch}: create that model instead.")
+    if mismatched:
+        more = f" (and {len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
+        lines.append(f"Shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:5]) + more)
+    if missing:
+        lines.append(f"Missing from the checkpoint: {group_keys(missing)}")
+    if unexpected:
+        lines.append(f"Not in the model: {group_keys(unexpected)}")
+    return "\n".join(lines)
+
+
+# -- our own format ----------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples to lists, recursively, so configs round-trip through JSON."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+_CFG_KEYS = ("input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode",
+             "mean", "std", "num_classes", "pool_size", "first_conv", "classifier", "license")
+
+
+def save_pretrained(model: nn.Module, directory: PathLike, extra: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (timm / HF hub layout) into ``directory``."""
+    from . import __version__
+    from .zoo import _pretrained_cfg
+
+    directory = Path(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(safetensors.torch.save(tensors, metadata={"format": "pt"})))
+    cfg = {**_pretrained_cfg(), **(getattr(model, "pretrained_cfg", None) or {})}
+    model_args = dict(getattr(model, "model_args", {}))
+    config = {
+        "architecture": cfg.get("architecture") or "unified",
+        "num_classes": getattr(model, "num_classes", None),
+        "num_features": getattr(model, "num_features", None),
+        "global_pool": model_args.get("global_pool", "avg"),
+        "model_args": _jsonable(model_args),
+        "pretrained_cfg": _jsonable({k: cfg[k] for k in _CFG_KEYS if k in cfg} | {"num_classes": getattr(model, "num_classes", 0)}),
+        "tokenmixers_version": __version__,
+        **(extra or {}),
+    }
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def load_pretrained(path: PathLike, **overrides: Any) -> nn.Module:
+    """Recreate a model saved by :func:`save_pretrained` (``overrides`` change constructor args)."""
+    from .backbone import UnifiedNet
+    from .zoo import MODEL_ARGS, create_model
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path} is not a save_pretrained folder: {path / CONFIG_NAME} is missing")
+    config = json.loads((path / CONFIG_NAME).read_text())
+    args = {**config.get("model_args", {}), **overrides}
+    arch = config.get("architecture", "unified")
+    model = create_model(arch, **args) if arch in MODEL_ARGS else UnifiedNet(**args)
+    load_checkpoint(model, path / WEIGHTS_NAME)
+    return model
