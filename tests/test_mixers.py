@@ -93,12 +93,15 @@ def naive_halo(m: halo_module.HaloAttention, x: torch.Tensor) -> torch.Tensor:
     return m.proj(out.reshape(1, H, W, C))
 
 
-@pytest.mark.parametrize("size", [(7, 7), (10, 12), (15, 8)])
+@pytest.mark.parametrize("size", [(7, 7), (10, 12), (15, 8), (4, 12), (17, 3)])
 @pytest.mark.parametrize("options", [{}, {"query_offset": 0}, {"halo_size": 1}])
 def test_halo_matches_naive(size: tuple[int, int], options: dict) -> None:
     m = _init(create_mixer("halo", 8, num_heads=2, **options))
     x = torch.randn(1, *size, 8, dtype=torch.float64)
-    assert torch.allclose(m(x), naive_halo(m, x), atol=1e-10)
+    expected = naive_halo(m, x)
+    assert torch.allclose(m(x), expected, atol=1e-10)  # training path (index_select windows)
+    with torch.no_grad():
+        assert torch.allclose(m(x), expected, atol=1e-10)  # inference path (unfold windows)
 
 
 def test_halo_padding_never_acts_as_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,7 +163,7 @@ def naive_swin(m: swin_module.ShiftedWindowAttention, x: torch.Tensor) -> torch.
 
 
 @pytest.mark.parametrize("block_index", [0, 1])
-@pytest.mark.parametrize("size", [(5, 6), (7, 7), (14, 14), (9, 16), (16, 9)])
+@pytest.mark.parametrize("size", [(5, 6), (7, 7), (14, 14), (9, 16), (16, 9), (3, 20), (1, 1)])
 def test_swin_matches_naive(block_index: int, size: tuple[int, int]) -> None:
     m = _init(create_mixer("swin", 8, num_heads=2, block_index=block_index))
     x = torch.randn(1, *size, 8, dtype=torch.float64)
@@ -180,7 +183,7 @@ def test_swin_mask_equals_official_construction(size: tuple[int, int]) -> None:
             count += 1
     labels = window_partition(img, ws)[0, :, :, 0]
     official = labels[:, None, :] != labels[:, :, None]
-    ours = swin_module.window_mask(H, W, ws, shift, shift, torch.device("cpu"), torch.float32)[:, 0] < 0
+    ours = swin_module.window_mask(H, W, ws, ws, shift, shift, torch.device("cpu"), torch.float32)[:, 0] < 0
     assert torch.equal(ours, official)
 
 
@@ -189,9 +192,10 @@ def test_swin_padding_never_acts_as_a_token(monkeypatch: pytest.MonkeyPatch) -> 
     x = torch.randn(2, 10, 17, 16, dtype=torch.float64)
     expected = m(x)
 
-    def garbage_pad(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    def garbage_pad(t: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
         _, H, W, _ = t.shape
-        padded = torch.full((t.shape[0], math.ceil(H / multiple) * multiple, math.ceil(W / multiple) * multiple, t.shape[3]), 1e3, dtype=t.dtype)
+        wh, ww = window
+        padded = torch.full((t.shape[0], math.ceil(H / wh) * wh, math.ceil(W / ww) * ww, t.shape[3]), 1e3, dtype=t.dtype)
         padded[:, :H, :W] = t
         return padded
 
@@ -204,7 +208,7 @@ def test_swin_shift_rule() -> None:
     even = create_mixer("swin", 32, num_heads=1, block_index=0)
     assert (odd.shift_size, even.shift_size) == (3, 0)
     # a 7x7 map fits one window: no mask at all (exactly the official stage-4 behaviour)
-    assert swin_module.window_mask(7, 7, 7, 0, 0, torch.device("cpu"), torch.float32) is None
+    assert swin_module.window_mask(7, 7, 7, 7, 0, 0, torch.device("cpu"), torch.float32) is None
 
 
 # -- SRA (PVT) ------------------------------------------------------------------------------------

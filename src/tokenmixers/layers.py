@@ -3,32 +3,39 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad ``(B, H, W, C)`` at the bottom and right so that H and W divide ``multiple``."""
+def _pair(window: Union[int, tuple[int, int]]) -> tuple[int, int]:
+    return (window, window) if isinstance(window, int) else (window[0], window[1])
+
+
+def pad_to_multiple(x: torch.Tensor, window: Union[int, tuple[int, int]]) -> torch.Tensor:
+    """Zero-pad ``(B, H, W, C)`` at the bottom and right so that H, W divide the window size."""
+    wh, ww = _pair(window)
     _, H, W, _ = x.shape
-    pad_h, pad_w = -H % multiple, -W % multiple
+    pad_h, pad_w = -H % wh, -W % ww
     if pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x
 
 
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """``(B, H, W, C)`` with H, W divisible by ``window`` -> ``(B, nH * nW, window * window, C)``."""
+def window_partition(x: torch.Tensor, window: Union[int, tuple[int, int]]) -> torch.Tensor:
+    """``(B, H, W, C)`` with H, W divisible by the window -> ``(B, nH * nW, wh * ww, C)``."""
+    wh, ww = _pair(window)
     B, H, W, C = x.shape
-    x = x.view(B, H // window, window, W // window, window, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, (H // window) * (W // window), window * window, C)
+    x = x.view(B, H // wh, wh, W // ww, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, (H // wh) * (W // ww), wh * ww, C)
 
 
-def window_merge(x: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``(B, nH * nW, window**2, C) -> (B, H, W, C)``."""
+def window_merge(x: torch.Tensor, window: Union[int, tuple[int, int]], H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B, nH * nW, wh * ww, C) -> (B, H, W, C)``."""
+    wh, ww = _pair(window)
     B, _, _, C = x.shape
-    x = x.view(B, H // window, W // window, window, window, C)
+    x = x.view(B, H // wh, W // ww, wh, ww, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 

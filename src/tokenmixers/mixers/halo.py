@@ -47,6 +47,31 @@ def _rel_index(block: int, window: int, device: torch.device) -> tuple[torch.Ten
     return rel.expand(block, block, window).to(device), rel.transpose(0, 1).expand(block, block, window).to(device)
 
 
+def _key_span(size: int, n_blocks: int, before: int, window: int) -> tuple[int, int]:
+    """Which window positions can hold real keys along one axis: ``(start, length)``.
+
+    With a single block along the axis, only the ``size`` positions over the map are real; trimming
+    the window to them gives the same result (the rest is masked) for a fraction of the work.
+    """
+    return (before, size) if n_blocks == 1 else (0, window)
+
+
+def _windows(x: torch.Tensor, nh: int, nw: int, block: int, lh: int, lw: int) -> torch.Tensor:
+    """Overlapping ``lh x lw`` windows at stride ``block``: ``(B, Hp, Wp, C) -> (B, nh, nw, lh * lw, C)``.
+
+    Both branches compute the same values: ``unfold`` is the fastest forward, ``index_select``
+    has a far faster backward (``unfold``'s backward is a slow generic kernel on CPU).
+    """
+    B, C = x.shape[0], x.shape[-1]
+    if x.requires_grad:
+        rows = (torch.arange(nh, device=x.device)[:, None] * block + torch.arange(lh, device=x.device)).flatten()
+        cols = (torch.arange(nw, device=x.device)[:, None] * block + torch.arange(lw, device=x.device)).flatten()
+        x = x.index_select(1, rows).index_select(2, cols).view(B, nh, lh, nw, lw, C).transpose(2, 3)
+    else:
+        x = x.unfold(1, lh, block).unfold(2, lw, block).permute(0, 1, 2, 4, 5, 3)
+    return x.reshape(B, nh, nw, lh * lw, C)
+
+
 @register_mixer("halo")
 class HaloAttention(TokenMixer):
     """Blocked local attention with a halo of keys and query-related relative logits."""
@@ -88,16 +113,20 @@ class HaloAttention(TokenMixer):
         """Relative-logit tables are not decayed."""
         return {"height_rel", "width_rel"}
 
-    def _bias(self, q: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """Relative logits plus key mask: ``q (B, nh, nw, heads, bs, bs, d) -> (..., bs, bs, win, win)``."""
+    def _bias(self, q: torch.Tensor, H: int, W: int, span_h: tuple[int, int], span_w: tuple[int, int]) -> torch.Tensor:
+        """Relative logits plus key mask: ``q (B, nh, nw, heads, bs, bs, d) -> (..., bs, bs, lh, lw)``."""
         bs, win, before = self.block_size, self.window, self.query_offset
+        (h0, lh), (w0, lw) = span_h, span_w
         idx_h, idx_w = _rel_index(bs, win, q.device)
-        mask_h = _axis_mask(H, bs, win, before, q.device, q.dtype)[:, None, None, None, None, :]  # nh,1,1,qh,qw,kh
-        mask_w = _axis_mask(W, bs, win, before, q.device, q.dtype)[:, None, None, None, :]  # nw,heads,qh,qw,kw
+        mask_h = _axis_mask(H, bs, win, before, q.device, q.dtype)[:, h0 : h0 + lh]
+        mask_w = _axis_mask(W, bs, win, before, q.device, q.dtype)[:, w0 : w0 + lw]
         logits_h = q @ self.height_rel.transpose(0, 1)  # (..., qh, qw, 2 * win - 1)
         logits_w = q @ self.width_rel.transpose(0, 1)
-        rel_h = logits_h.gather(-1, idx_h.expand(logits_h.shape[:-1] + (win,))) + mask_h  # (..., qh, qw, kh)
-        rel_w = logits_w.gather(-1, idx_w.expand(logits_w.shape[:-1] + (win,))) + mask_w  # (..., qh, qw, kw)
+        idx_h, idx_w = idx_h[..., h0 : h0 + lh], idx_w[..., w0 : w0 + lw]
+        rel_h = logits_h.gather(-1, idx_h.expand(logits_h.shape[:-1] + (lh,)))  # (..., qh, qw, kh)
+        rel_w = logits_w.gather(-1, idx_w.expand(logits_w.shape[:-1] + (lw,)))  # (..., qh, qw, kw)
+        rel_h = rel_h + mask_h[:, None, None, None, None, :]  # per block row: nh, nw, heads, qh, qw, kh
+        rel_w = rel_w + mask_w[:, None, None, None, :]  # per block column: nw, heads, qh, qw, kw
         return rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,24 +135,24 @@ class HaloAttention(TokenMixer):
         bs, win, heads, d = self.block_size, self.window, self.num_heads, self.head_dim
         nh, nw = num_windows(H, bs), num_windows(W, bs)
         before = self.query_offset
+        (h0, lh), (w0, lw) = span_h, span_w = _key_span(H, nh, before, win), _key_span(W, nw, before, win)
 
         q = F.pad(self.q(x), (0, 0, 0, nw * bs - W, 0, nh * bs - H))
         q = q.view(B, nh, bs, nw, bs, heads, d).permute(0, 1, 3, 5, 2, 4, 6)  # B nh nw heads bs bs d
-        kv = F.pad(
-            self.kv(x),
-            (0, 0, before, nw * bs - W + win - bs - before, before, nh * bs - H + win - bs - before),
-        )
-        kv = kv.unfold(1, win, bs).unfold(2, win, bs).unflatten(3, (heads, 2 * d))  # B nh nw heads 2d win win
-        kv = kv.permute(0, 1, 2, 3, 5, 6, 4).reshape(B, nh, nw, heads, win * win, 2 * d)
-        k, v = kv.split(d, dim=-1)  # B nh nw heads win² d
+        # pad so that window position p of block i reads map row i * bs + p - before
+        pad_h = (before - h0, (nh - 1) * bs + h0 + lh - before - H)
+        pad_w = (before - w0, (nw - 1) * bs + w0 + lw - before - W)
+        kv = F.pad(self.kv(x), (0, 0, *pad_w, *pad_h))
+        kv = _windows(kv, nh, nw, bs, lh, lw).unflatten(-1, (heads, 2 * d)).transpose(3, 4)
+        k, v = kv.split(d, dim=-1)  # B nh nw heads lh*lw d
 
-        bias = self._bias(q, H, W)
+        bias = self._bias(q, H, W, span_h, span_w)
         n = B * nh * nw
         out = F.scaled_dot_product_attention(
             q.reshape(n, heads, bs * bs, d),
-            k.reshape(n, heads, win * win, d),
-            v.reshape(n, heads, win * win, d),
-            attn_mask=bias.reshape(n, heads, bs * bs, win * win),
+            k.reshape(n, heads, lh * lw, d),
+            v.reshape(n, heads, lh * lw, d),
+            attn_mask=bias.reshape(n, heads, bs * bs, lh * lw),
         )
         out = out.view(B, nh, nw, heads, bs, bs, d).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, nh * bs, nw * bs, C)[:, :H, :W]

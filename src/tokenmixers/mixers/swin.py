@@ -13,8 +13,8 @@ this is exactly the official models (stage 4's 7x7 map fits one window and is ne
 At larger inputs (e.g. 448, or detection-sized images) every stage whose map exceeds one window
 shifts on odd blocks, as the detection variant of the official code does; the official
 classification models instead keep their 224-sized masks and misapply them at other sizes.
-A map smaller than one window is padded and masked, which equals attention over the whole
-map with the same relative-bias table.
+A map smaller than one window along an axis uses the map itself as the window there (no padding,
+no shift), which equals padding and masking it, with the same relative-bias table.
 """
 from __future__ import annotations
 
@@ -30,39 +30,40 @@ from . import TokenMixer, register_mixer
 
 
 @size_cache
-def relative_position_index(window: int, device: torch.device) -> torch.Tensor:
-    """``(window**2, window**2)`` index into a ``(2 * window - 1) ** 2`` bias table (Swin layout)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+def relative_position_index(wh: int, ww: int, window: int, device: torch.device) -> torch.Tensor:
+    """``(wh*ww, wh*ww)`` index into a ``(2 * window - 1) ** 2`` bias table (Swin layout) for a
+    ``wh x ww`` window (smaller than ``window`` where the map itself is smaller)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
 
 
 @size_cache
 def window_mask(
-    H: int, W: int, window: int, shift_h: int, shift_w: int, device: torch.device, dtype: torch.dtype
+    H: int, W: int, wh: int, ww: int, shift_h: int, shift_w: int, device: torch.device, dtype: torch.dtype
 ) -> Optional[torch.Tensor]:
-    """Additive mask ``(nWindows, 1, window**2, window**2)`` for a shifted, padded map, or None.
+    """Additive mask ``(nWindows, 1, wh*ww, wh*ww)`` for a shifted, padded map, or None if unneeded.
 
     Tokens may attend to each other only if they come from the same region of the rolled map
     (the Swin shift mask) and are both real or both padding.
     """
-    Hp, Wp = num_windows(H, window) * window, num_windows(W, window) * window
+    Hp, Wp = num_windows(H, wh) * wh, num_windows(W, ww) * ww
     if (Hp, Wp, shift_h, shift_w) == (H, W, 0, 0):
         return None
 
-    def regions(size: int, shift: int) -> torch.Tensor:
+    def regions(size: int, window: int, shift: int) -> torch.Tensor:
         r = torch.zeros(size, dtype=torch.long)
         if shift:
             r[size - window : size - shift] = 1
             r[size - shift :] = 2
         return r
 
-    region = regions(Hp, shift_h)[:, None] * 3 + regions(Wp, shift_w)[None, :]
+    region = regions(Hp, wh, shift_h)[:, None] * 3 + regions(Wp, ww, shift_w)[None, :]
     pad = torch.zeros(Hp, Wp, dtype=torch.long)
     pad[H:, :] = 1
     pad[:, W:] = 1
     group = region * 2 + torch.roll(pad, (-shift_h, -shift_w), (0, 1))
-    group = window_partition(group[None, :, :, None], window)[0, :, :, 0]  # nW, N
+    group = window_partition(group[None, :, :, None], (wh, ww))[0, :, :, 0]  # nW, N
     different = group[:, :, None] != group[:, None, :]
     mask = torch.zeros(different.shape, dtype=dtype).masked_fill(different, masked_value(dtype))
     return mask.unsqueeze(1).to(device)
@@ -101,27 +102,31 @@ class ShiftedWindowAttention(TokenMixer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``."""
         B, H, W, C = x.shape
-        ws, heads, d, N = self.window_size, self.num_heads, self.head_dim, self.window_size**2
+        ws, heads, d = self.window_size, self.num_heads, self.head_dim
+        # an axis that fits in one window is neither padded nor shifted: its window is the map itself,
+        # which equals padding and masking it (the bias table is indexed by relative position)
+        wh, ww = min(H, ws), min(W, ws)
         shift_h = self.shift_size if H > ws else 0
         shift_w = self.shift_size if W > ws else 0
+        N = wh * ww
 
-        x = pad_to_multiple(x, ws)
+        x = pad_to_multiple(x, (wh, ww))
         Hp, Wp = x.shape[1:3]
         if shift_h or shift_w:
             x = torch.roll(x, (-shift_h, -shift_w), (1, 2))
-        windows = window_partition(x, ws)  # B, nW, N, C
+        windows = window_partition(x, (wh, ww))  # B, nW, N, C
         nW = windows.shape[1]
         qkv = self.qkv(windows).view(B, nW, N, 3, heads, d).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv.reshape(3, B, nW * heads, N, d).unbind(0)
 
-        index = relative_position_index(ws, x.device)
+        index = relative_position_index(wh, ww, ws, x.device)
         bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # heads, N, N
-        mask = window_mask(H, W, ws, shift_h, shift_w, x.device, bias.dtype)
+        mask = window_mask(H, W, wh, ww, shift_h, shift_w, x.device, bias.dtype)
         bias = bias.expand(nW, heads, N, N) if mask is None else bias + mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, nW * heads, N, N))
 
         out = out.view(B, nW, heads, N, d).transpose(2, 3).reshape(B, nW, N, C)
-        out = window_merge(out, ws, Hp, Wp)
+        out = window_merge(out, (wh, ww), Hp, Wp)
         if shift_h or shift_w:
             out = torch.roll(out, (shift_h, shift_w), (1, 2))
         return self.proj(out[:, :H, :W])

@@ -1,0 +1,225 @@
+"""Datasets for training and evaluation, checked before training starts.
+
+Three sources, chosen by the ``data`` setting:
+
+* ``"digits"``: scikit-learn's 1,797 handwritten digits (8x8, shipped with scikit-learn, no
+  download), upsampled to RGB images; a fixed split puts every fifth image of each class in
+  ``val`` (1,437 train / 360 val).
+* a folder with list files, the official layout: ``root/meta/{train,val}.txt`` with lines
+  ``relative/path label`` and images under ``root/{train,val}/``.
+* a folder with class folders (ImageNet layout): ``root/{train,val}/<class>/*.JPEG``.
+
+Problems are reported before training with a :class:`DataError` naming the file or folder: a
+missing root, an empty class folder, a list file naming missing images, labels out of range, fewer
+images than one batch. An image that cannot be decoded during training is skipped with a warning
+and counted (``ImageDataset.collate`` returns the count with every batch, so it survives worker
+processes); the epoch summary reports it.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the file or folder at fault."""
+
+
+@dataclass
+class Sample:
+    """One image (a path, or an in-memory image) and its label."""
+
+    source: Any
+    label: int
+
+
+class ImageDataset(Dataset):
+    """Images with integer labels; undecodable images are skipped (see :meth:`collate`)."""
+
+    def __init__(self, samples: list[Sample], classes: list[str], transform: Optional[Callable] = None, name: str = "") -> None:
+        self.samples, self.classes, self.transform, self.name = samples, classes, transform, name
+        self.seed: Optional[int] = None  # per-sample augmentation seeds (deterministic mode)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Optional[tuple[torch.Tensor, int]]:
+        sample = self.samples[index]
+        try:
+            image = sample.source if isinstance(sample.source, Image.Image) else Image.open(sample.source)
+            image = image.convert("RGB")
+        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+            warnings.warn(f"skipping unreadable image {sample.source}: {err}", stacklevel=2)
+            return None
+        if self.transform is None:
+            return image, sample.label
+        if self.seed is None:
+            return self.transform(image), sample.label
+        # the augmentation of a sample depends only on (seed, epoch, index), whichever process draws
+        # it; the global RNG states are put back so training randomness is not disturbed
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        s = (self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**31
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        try:
+            return self.transform(image), sample.label
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+    @staticmethod
+    def collate(batch: Sequence[Optional[tuple[torch.Tensor, int]]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Stack the readable samples; also return how many were skipped."""
+        good = [b for b in batch if b is not None]
+        skipped = len(batch) - len(good)
+        if not good:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+        images, labels = zip(*good)
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
+
+
+# -- sources ----------------------------------------------------------------------------------------
+
+
+def digits_samples(split: str, image_size: int = 32) -> tuple[list[Sample], list[str]]:
+    """scikit-learn's digits as RGB images; every fifth image of each class is validation."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    samples = []
+    seen = [0] * 10
+    for pixels, label in zip(digits.images, digits.target):
+        is_val = seen[label] % 5 == 0
+        seen[label] += 1
+        if is_val != (split == "val"):
+            continue
+        gray = Image.fromarray((pixels * (255.0 / 16.0)).astype(np.uint8), mode="L")
+        samples.append(Sample(gray.resize((image_size, image_size), Image.BICUBIC).convert("RGB"), int(label)))
+    return samples, [str(i) for i in range(10)]
+
+
+def list_file_samples(root: Path, split: str) -> tuple[list[Sample], list[str]]:
+    """The official layout: ``root/meta/<split>.txt`` lines ``relative/path label``."""
+    list_file = root / "meta" / f"{split}.txt"
+    samples, missing = [], []
+    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DataError(f"{list_file}:{n}: expected 'relative/path label', got {line!r}")
+        path = root / split / parts[0]
+        if not path.is_file():
+            missing.append(str(path))
+        samples.append(Sample(path, int(parts[1])))
+    if missing:
+        raise DataError(f"{list_file} names {len(missing)} image(s) that do not exist, e.g. {missing[:3]}")
+    num = max((s.label for s in samples), default=-1) + 1
+    return samples, [str(i) for i in range(num)]
+
+
+def folder_samples(root: Path, split: str) -> tuple[list[Sample], list[str]]:
+    """The ImageNet layout: ``root/<split>/<class>/<image>``, classes sorted by name."""
+    split_dir = root / split
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (split_dir / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"class folder {split_dir / name} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+        samples += [Sample(p, label) for p in files]
+    return samples, classes
+
+
+def build_dataset(data: str, split: str, transform: Optional[Callable] = None, image_size: int = 32) -> ImageDataset:
+    """The ``split`` of a data source (see module docstring), checked for problems."""
+    if data == "digits":
+        samples, classes = digits_samples(split, image_size)
+    else:
+        if data is None:
+            raise DataError("no data given: set data=<folder> (class folders or meta/*.txt list files) or data=digits")
+        root = Path(data).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data folder {root} does not exist")
+        if (root / "meta" / f"{split}.txt").is_file():
+            samples, classes = list_file_samples(root, split)
+        elif (root / split).is_dir():
+            samples, classes = folder_samples(root, split)
+        else:
+            raise DataError(
+                f"{root} has neither {root / 'meta' / (split + '.txt')} (list-file layout) nor a {root / split} "
+                "folder of class folders (ImageNet layout)"
+            )
+        if not samples:
+            raise DataError(f"the {split} split of {root} is empty")
+    return ImageDataset(samples, classes, transform, name=f"{data}:{split}")
+
+
+def check_labels(dataset: ImageDataset, num_classes: int) -> None:
+    """Every label must be in ``[0, num_classes)``."""
+    bad = [s for s in dataset.samples if not 0 <= s.label < num_classes]
+    if bad:
+        raise DataError(
+            f"{dataset.name}: {len(bad)} label(s) outside [0, {num_classes}), e.g. {bad[0].label} for {bad[0].source}; "
+            "set num_classes or fix the labels"
+        )
+
+
+# -- samplers ---------------------------------------------------------------------------------------
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (seed, epoch) order, sharded across processes, resumable mid-epoch.
+
+    Process r takes every world-th sample of a common permutation starting at r, so the samples of
+    one global step are the same whatever the number of processes; the tail that does not divide
+    is dropped. ``start`` skips the samples an interrupted run already consumed.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+        self.size, self.rank, self.world, self.seed, self.shuffle = size, rank, world, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order and the first sample (per process) to yield."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.size // self.world - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        mine = order[self.rank :: self.world][: self.size // self.world]
+        return iter(mine[self.start :])
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation sharding: process r gets indices r, r + world, ...; every sample exactly once."""
+
+    def __init__(self, size: int, rank: int = 0, world: int = 1) -> None:
+        self.indices = list(range(rank, size, world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)

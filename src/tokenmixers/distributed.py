@@ -1,0 +1,122 @@
+"""Distributed set-up for torchrun and SLURM, and BatchNorm statistics over the global batch.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; under SLURM (``srun``) the same command reads
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and takes the first host of the job as the rendezvous
+address when MASTER_ADDR is not set. NCCL is used on GPUs, gloo on CPUs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from timm.utils.distributed import init_distributed_device_so
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job."""
+
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+
+def _slurm_master_addr() -> None:
+    """Point MASTER_ADDR/PORT at the job's first node when running under srun without torchrun."""
+    if "SLURM_PROCID" not in os.environ or "MASTER_ADDR" in os.environ:
+        return
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    host = None
+    if nodelist and shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        host = out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else None
+    os.environ["MASTER_ADDR"] = host or os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise the process group if launched by torchrun/SLURM; pick this process's device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _slurm_master_addr()
+    if dist.is_initialized():
+        info = {"device": device, "global_rank": dist.get_rank(), "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+                "world_size": dist.get_world_size()}
+        if device.startswith("cuda") and info["world_size"] > 1:
+            info["device"] = f"cuda:{info['local_rank']}"
+    else:
+        info = init_distributed_device_so(device)
+    return DistInfo(torch.device(info["device"]), info["global_rank"], info["local_rank"], info["world_size"])
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (identity when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every process (no-op when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span every process, on any backend (CPU/gloo too).
+
+    ``torch.nn.SyncBatchNorm`` needs a GPU; this does the same with one autograd-aware all-reduce
+    of per-channel sums, so a run on N processes normalises exactly like one process with the
+    whole batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``(B, C, H, W)`` with global-batch statistics in training."""
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        C = x.shape[1]
+        xf = x.float()
+        count = torch.full((1,), xf.numel() / C, dtype=torch.float32, device=x.device)
+        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[:C] / n
+        var = (stats[C : 2 * C] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+            self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), momentum)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        y = (xf - mean[None, :, None, None]) * scale[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def convert_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Global-batch BatchNorm: torch's SyncBatchNorm on CUDA, :class:`GlobalBatchNorm2d` elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new.to(child.weight.device))
+        else:
+            convert_batchnorm(child, device)
+    return model
