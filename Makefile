@@ -1,4 +1,4 @@
-# Two commands do all the set-up: `make test` and `make demo` create .venv when it is missing.
+# Two commands do all the set-up: `make demo` and `make test` create .venv when it is missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/tokenmixers bench 'unified_*_micro' --batch-size 8 --iters 3 --out results/demo
+	$(BIN)/tokenmixers compare --output results/compare
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py

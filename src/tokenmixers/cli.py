@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 
@@ -70,6 +71,51 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst}/model.safetensors and {args.dst}/config.json")
 
 
+def _run_overrides(args: argparse.Namespace) -> list[str]:
+    """``key=value`` overrides plus the shortcut flags (--model, --data, --output, --resume)."""
+    extra = [f"{k}={getattr(args, k)}" for k in ("model", "data", "output", "resume") if getattr(args, k, None) is not None]
+    return extra + list(args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train with a recipe and overrides."""
+    from tokenmixers.training import train
+    from tokenmixers.zoo import default_recipe
+
+    recipe = args.recipe or (default_recipe(args.model) if args.model else "transformer")
+    summary = train(recipe, _run_overrides(args))
+    print(f"top-1 {summary['top1']}, EMA top-1 {summary['ema_top1']}; summary in {summary['output']}/summary.json")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate a checkpoint's raw and EMA weights."""
+    import json
+
+    from tokenmixers.training import evaluate_checkpoint
+
+    results = evaluate_checkpoint(
+        args.model, args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+        input_size=args.input_size, crop_pct=args.crop_pct, num_classes=args.num_classes, device=args.device,
+        precision=args.precision, workers=args.workers, label_map=args.label_map,
+    )
+    for label, metrics in results.items():
+        print(f"{label:4s} top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  ({metrics['count']} images)")
+    if args.out:
+        from tokenmixers.files import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(results, indent=2))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Train and evaluate several models under one recipe; write one report."""
+    from tokenmixers.compare import compare
+
+    result = compare(args.models or None, recipe=args.recipe, overrides=args.overrides, output=args.output,
+                     bench_size=args.bench_size, bench_batch=args.bench_batch)
+    print((Path(result["report"]).read_text()))
+    print(f"report: {result['report']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="tokenmixers", description=__doc__)
@@ -102,12 +148,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="build the model with this many classes")
     p.add_argument("--label-map", default=None, help="file with one source class index per line")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="train with the paper's recipe (or any recipe) and key=value overrides")
+    p.add_argument("overrides", nargs="*", help="settings to change, e.g. epochs=30 batch_size=64 precision=bf16")
+    p.add_argument("--recipe", default=None, help="transformer, cnn, digits or a YAML file (default: the model's recipe)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--data", default=None, help="data folder (class folders or meta/*.txt) or 'digits'")
+    p.add_argument("--output", default=None, help="output folder (checkpoints, metrics, logs)")
+    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's raw and EMA weights")
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint", default=None, help="training checkpoint, official checkpoint or weights folder")
+    p.add_argument("--data", required=True, help="data folder or 'digits'")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's classifier")
+    p.add_argument("--label-map", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="train and evaluate several models under one recipe; one report")
+    p.add_argument("models", nargs="*", help="models or globs (default: the micro model of every family)")
+    p.add_argument("--recipe", default="digits")
+    p.add_argument("--output", default="results/compare")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="recipe overrides, e.g. --set epochs=3 input_size=48")
+    p.add_argument("--bench-size", type=int, default=224)
+    p.add_argument("--bench-batch", type=int, default=8)
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of the ``tokenmixers`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come anywhere on the line, also after options
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + overrides
+        extra = [e for e in extra if e not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

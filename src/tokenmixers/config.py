@@ -67,8 +67,19 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like key=value (e.g. epochs=30)")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else None
+        out[key.strip().replace("-", "_")] = _parse_value(value)
     return out
+
+
+def _parse_value(text: str) -> Any:
+    """YAML value syntax, plus numbers YAML 1.1 leaves as strings (``2e-3``)."""
+    value = yaml.safe_load(text) if text else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

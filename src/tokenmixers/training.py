@@ -466,7 +466,7 @@ def train(
         batch_in_epoch = 0
         if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
             raw = evaluate(model, val_loader, info.device, precision)
-            row.update(top1=raw["top1"], top5=raw["top5"], val_loss=raw["loss"])
+            row.update(top1=raw["top1"], top5=raw["top5"], val_loss=raw["loss"], val_images=raw["count"])
             if ema is not None:
                 ema_metrics = evaluate(ema.module, val_loader, info.device, precision)
                 row.update(ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"])

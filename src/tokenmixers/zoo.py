@@ -39,6 +39,7 @@ class Family:
     common: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     paper_top1: dict[str, float] = field(default_factory=dict)
+    recipe: str = "transformer"  # the training recipe of the paper for this family
 
 
 FAMILIES: dict[str, Family] = {}
@@ -118,11 +119,12 @@ def register_family(
     scales: Optional[dict[str, dict[str, Any]]] = None,
     source: str = "",
     paper_top1: Optional[dict[str, float]] = None,
+    recipe: str = "transformer",
     **common: Any,
 ) -> Family:
     """Register ``unified_<name>_<scale>`` for every scale (default: the Halo/Swin skeleton)."""
     scales = DEFAULT_SCALES if scales is None else scales
-    family = Family(name, mixer, scales, common, source, paper_top1 or {})
+    family = Family(name, mixer, scales, common, source, paper_top1 or {}, recipe)
     FAMILIES[name] = family
     for scale, scale_args in scales.items():
         register_model_args(f"unified_{name}_{scale}", {"mixer": mixer, **common, **scale_args}, family=name)
@@ -132,6 +134,12 @@ def register_family(
 def register_variant(name: str, base: str, **overrides: Any) -> None:
     """Register ``name`` as a copy of model ``base`` with some arguments changed (ablations)."""
     register_model_args(name, {**MODEL_ARGS[base], **overrides}, family=MODEL_FAMILY[base])
+
+
+def default_recipe(model: str) -> str:
+    """The paper's recipe for a model: ``cnn`` for DWConv/DCNv3 (batch 4096), else ``transformer``."""
+    family = FAMILIES.get(MODEL_FAMILY.get(model, ""))
+    return family.recipe if family else "transformer"
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -206,6 +214,7 @@ register_family(
     },
     source="ConvNeXt (Liu et al., CVPR 2022) / DWNet 7x7 depth-wise conv, unified in " + _PAPER,
     paper_top1=dict(micro=75.1, tiny=82.2, small=83.1, base=83.7),
+    recipe="cnn",
     norm_eps=1e-6,
 )
 register_family(
@@ -219,5 +228,6 @@ register_family(
     },
     source="DCNv3 / InternImage (Wang et al., CVPR 2023), unified in " + _PAPER,
     paper_top1=dict(micro=75.3, tiny=83.3, small=84.1, base=84.5),
+    recipe="cnn",
     norm_eps=1e-5,
 )
