@@ -116,9 +116,46 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"report: {result['report']}")
 
 
+def _checkpoints(args: argparse.Namespace) -> Optional[list[Optional[str]]]:
+    """One checkpoint per model (or none)."""
+    if not args.checkpoint:
+        return None
+    if len(args.checkpoint) != len(args.models):
+        raise ValueError(f"give one --checkpoint per model ({len(args.models)} models, {len(args.checkpoint)} checkpoints)")
+    return [None if c in ("none", "random") else c for c in args.checkpoint]
+
+
+def cmd_erf(args: argparse.Namespace) -> None:
+    """Effective receptive fields per stage."""
+    from tokenmixers.analysis.erf import run_erf
+
+    results = run_erf(args.models, args.images, _checkpoints(args), limit=args.n, input_size=args.input_size,
+                      stages=args.stages, batch_size=args.batch_size, device=args.device, out=args.out,
+                      layer_scale=args.layer_scale)
+    for name, r in results.items():
+        erf50 = ", ".join(f"stage {s + 1}: {m['erf@0.5']:.3f}" for s, m in r["stages"].items())
+        print(f"{name} ({r['weights']}): ERF@0.5 {erf50}")
+    print(f"wrote {args.out}")
+
+
+def cmd_invariance(args: argparse.Namespace) -> None:
+    """Translation / rotation / scale invariance."""
+    from tokenmixers.analysis.invariance import run_invariance
+
+    results = run_invariance(args.models, args.data, args.kinds, _checkpoints(args), limit=args.n,
+                             batch_size=args.batch_size, input_size=args.input_size, crop_pct=args.crop_pct,
+                             align=args.align, seed=args.seed, device=args.device, out=args.out)
+    for name, rows in results.items():
+        worst = min(rows, key=lambda r: r["consistency"])
+        print(f"{name}: lowest consistency {worst['consistency']:.1f}% ({worst['kind']} {worst['strength']})")
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="tokenmixers", description=__doc__)
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import a Python module or file first (e.g. one that registers your mixer); repeatable")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered models (or mixers)")
@@ -183,7 +220,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-size", type=int, default=224)
     p.add_argument("--bench-batch", type=int, default=8)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("erf", help="effective receptive field per stage (maps, metrics, heatmaps)")
+    p.add_argument("models", nargs="+", help="tokenmixers or timm model names")
+    p.add_argument("--images", default="digits", help="'digits', a dataset root (val split) or any image folder")
+    p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
+    p.add_argument("--n", type=int, default=50, help="number of images")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--stages", type=int, nargs="*", default=None, help="0-based stage indices (default: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--layer-scale", type=float, default=None,
+                   help="random-weight models: set every layer-scale gamma (e.g. 1.0) so the mixers contribute")
+    p.add_argument("--out", default="results/erf")
+    p.set_defaults(func=cmd_erf)
+
+    p = sub.add_parser("invariance", help="consistency and accuracy under translation, rotation and scale")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--data", default="digits", help="'digits', a dataset root (val split) or any image folder")
+    p.add_argument("--kinds", nargs="+", default=["translation", "pre_rotation", "post_rotation", "scale"],
+                   choices=["translation", "pre_rotation", "post_rotation", "scale"])
+    p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
+    p.add_argument("--n", type=int, default=None, help="use the first N images")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--align", choices=["shift", "center"], default="shift",
+                   help="translation: keep clipped crops at their true offset (shift) or re-centre them (official)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="results/invariance")
+    p.set_defaults(func=cmd_invariance)
     return parser
+
+
+def _import(name: str) -> None:
+    """Import a module by name or a Python file by path (plug-ins that register mixers or models)."""
+    import importlib
+    import importlib.util
+
+    path = Path(name)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise FileNotFoundError(f"--import {name}: file does not exist")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    else:
+        importlib.import_module(name)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -199,6 +284,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], None] = args.func
     try:
+        for name in args.imports:
+            _import(name)
         func(args)
     except (KeyError, ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
