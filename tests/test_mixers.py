@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import tokenmixers.mixers.halo as halo_module
 import tokenmixers.mixers.swin as swin_module
-from tokenmixers.layers import window_partition
+from tokenmixers.layers import window_mask, window_partition
 from tokenmixers.mixers import create_mixer, list_mixers, mixer_options
 
 MIXER_CASES = {
@@ -18,6 +18,10 @@ MIXER_CASES = {
     "swin": dict(num_heads=2, block_index=1),
     "dwconv": dict(),
     "dcnv3": dict(num_heads=2),
+    "dyn_dwconv": dict(),
+    "idyn_dwconv": dict(num_heads=4),
+    "twins": dict(num_heads=2, block_index=1, sr_ratio=2),  # GSA; LSA is block_index 0
+    "stvit": dict(num_heads=2, cell_size=4),
 }
 
 
@@ -183,7 +187,7 @@ def test_swin_mask_equals_official_construction(size: tuple[int, int]) -> None:
             count += 1
     labels = window_partition(img, ws)[0, :, :, 0]
     official = labels[:, None, :] != labels[:, :, None]
-    ours = swin_module.window_mask(H, W, ws, ws, shift, shift, torch.device("cpu"), torch.float32)[:, 0] < 0
+    ours = window_mask(H, W, ws, ws, shift, shift, torch.device("cpu"), torch.float32)[:, 0] < 0
     assert torch.equal(ours, official)
 
 
@@ -208,7 +212,7 @@ def test_swin_shift_rule() -> None:
     even = create_mixer("swin", 32, num_heads=1, block_index=0)
     assert (odd.shift_size, even.shift_size) == (3, 0)
     # a 7x7 map fits one window: no mask at all (exactly the official stage-4 behaviour)
-    assert swin_module.window_mask(7, 7, 7, 7, 0, 0, torch.device("cpu"), torch.float32) is None
+    assert window_mask(7, 7, 7, 7, 0, 0, torch.device("cpu"), torch.float32) is None
 
 
 # -- SRA (PVT) ------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from .mixers import TokenMixer, create_mixer
 
 MIN_INPUT_SIZE = 32
 BLOCK_STYLES = ("transformer", "convnext")
-POS_EMBEDS = (None, "absolute")
+POS_EMBEDS = (None, "absolute", "conv")
 GLOBAL_POOLS = ("avg", "")
 
 
@@ -80,6 +80,18 @@ class AbsolutePosEmbed(nn.Module):
         if pos.shape[-2:] != x.shape[1:3]:
             pos = F.interpolate(pos, size=x.shape[1:3], mode="bilinear", align_corners=True)
         return x + pos.permute(0, 2, 3, 1)
+
+
+class ConvPosEmbed(nn.Module):
+    """Conditional position encoding (Twins' PEG, STViT's CPE): ``x + dwconv3x3(x)``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Add a depth-wise 3x3 convolution of ``(B, H, W, C)`` tokens to themselves."""
+        return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class Block(nn.Module):
@@ -180,6 +192,15 @@ def _per_stage(value: Union[Any, Sequence[Any]], n: int, name: str) -> list[Any]
     return [value] * n
 
 
+def _pos_embed(kind: Optional[str], dim: int, grid: tuple[int, int]) -> Optional[nn.Module]:
+    """The position-encoding module of a block (or None)."""
+    if kind == "absolute":
+        return AbsolutePosEmbed(dim, grid)
+    if kind == "conv":
+        return ConvPosEmbed(dim)
+    return None
+
+
 def _check_pool(global_pool: str, num_classes: int) -> None:
     """Validate the pooling mode; unpooled output has no classifier."""
     if global_pool not in GLOBAL_POOLS:
@@ -200,8 +221,11 @@ class UnifiedNet(nn.Module):
         stage_mixer_args: per-stage options, one dict per stage (e.g. PVT ``sr_ratio``).
         mlp_ratios: MLP hidden ratio, one value or one per stage.
         norm_eps: eps of the block LayerNorms.
-        pos_embed: ``"absolute"`` adds a learned position embedding before the first block of
-            each stage (PVT); sized for ``img_size`` and resized to other inputs.
+        pos_embed: ``"absolute"``: a learned position embedding (PVT), sized for ``img_size`` and
+            resized to other inputs; ``"conv"``: a conditional position encoding, ``x + dwconv3x3(x)``
+            (Twins, STViT). Applied before the block(s) given by ``pos_embed_blocks``.
+        pos_embed_blocks: index of the block (in each stage) that gets the position encoding, or
+            ``"all"`` (PVT: 0; Twins: 1, i.e. after the first block; STViT: all).
         layer_scale_init: initial layer-scale value (``0``/``None`` disables layer scale).
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
         head_hidden_ratio: width of the head's 1x1 projection relative to the last stage
@@ -225,6 +249,7 @@ class UnifiedNet(nn.Module):
         mlp_ratios: Union[float, Sequence[float]] = 4.0,
         norm_eps: float = 1e-5,
         pos_embed: Optional[str] = None,
+        pos_embed_blocks: Union[int, str] = 0,
         layer_scale_init: Optional[float] = 1e-6,
         drop_path_rate: float = 0.0,
         head_hidden_ratio: float = 1.5,
@@ -252,6 +277,8 @@ class UnifiedNet(nn.Module):
             raise ValueError(f"unknown block_style {block_style!r}; accepted: {', '.join(BLOCK_STYLES)}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"unknown pos_embed {pos_embed!r}; accepted: {', '.join(map(repr, POS_EMBEDS))}")
+        if not (pos_embed_blocks == "all" or isinstance(pos_embed_blocks, int)):
+            raise ValueError(f"pos_embed_blocks must be a block index or 'all', got {pos_embed_blocks!r}")
         _check_pool(global_pool, num_classes)
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
@@ -277,7 +304,7 @@ class UnifiedNet(nn.Module):
                         norm_eps=norm_eps,
                         layer_scale_init=layer_scale_init,
                         drop_path=dp_rates[cursor + j],
-                        pos=AbsolutePosEmbed(dim, grid) if pos_embed == "absolute" and j == 0 else None,
+                        pos=_pos_embed(pos_embed, dim, grid) if pos_embed_blocks in (j, "all") else None,
                         convnext_style=block_style == "convnext",
                     )
                 )

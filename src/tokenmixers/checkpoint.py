@@ -186,15 +186,27 @@ def _signature(name: str) -> frozenset[tuple[str, tuple[int, ...]]]:
 
 
 def guess_architecture(state_dict: StateDict) -> Optional[str]:
-    """The registered model whose parameter names and shapes a (converted) state dict matches best."""
-    from .zoo import list_models
+    """The registered model whose parameter names and shapes a (converted) state dict matches best.
+
+    First the family (key patterns of one model per family), then the model within it (shapes).
+    """
+    from .zoo import FAMILIES, MODEL_FAMILY, list_models
 
     squeeze = lambda shape: tuple(d for d in shape if d != 1)  # noqa: E731  1x1 conv vs Linear, gamma layouts
+    pattern = lambda key: re.sub(r"\.\d+(?=\.)", ".*", key)  # noqa: E731
     ours = {(k, squeeze(v.shape)) for k, v in state_dict.items() if not k.startswith("head.fc.")}
+    our_patterns = {pattern(k) for k, _ in ours}
+
+    def jaccard(a: set, b: set) -> float:
+        return len(a & b) / max(len(a | b), 1)
+
+    names = list_models()
+    first = {family: next(n for n in names if MODEL_FAMILY[n] == family) for family in FAMILIES}
+    family = max(first, key=lambda f: jaccard(our_patterns, {pattern(k) for k, _ in _signature(first[f])}))
     best, best_score = None, 0.0
-    for name in list_models():
+    for name in (n for n in names if MODEL_FAMILY[n] == family):
         theirs = {(k, squeeze(s)) for k, s in _signature(name) if not k.startswith("head.fc.")}
-        score = len(ours & theirs) / max(len(ours | theirs), 1)
+        score = jaccard(ours, theirs)
         if score > best_score:
             best, best_score = name, score
     return best if best_score > 0.8 else None

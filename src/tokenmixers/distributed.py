@@ -77,24 +77,30 @@ def barrier() -> None:
         dist.barrier()
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics span every process, on any backend (CPU/gloo too).
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics span every process, on any backend (CPU/gloo too).
 
     ``torch.nn.SyncBatchNorm`` needs a GPU; this does the same with one autograd-aware all-reduce
     of per-channel sums, so a run on N processes normalises exactly like one process with the
     whole batch.
     """
 
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (B, C, ...), got {x.dim()}-D")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise ``(B, C, H, W)`` with global-batch statistics in training."""
+        """Normalise ``(B, C, ...)`` with global-batch statistics in training."""
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
         C = x.shape[1]
         xf = x.float()
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, C] + [1] * (x.dim() - 2)
         count = torch.full((1,), xf.numel() / C, dtype=torch.float32, device=x.device)
-        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
         n = stats[-1]
         mean = stats[:C] / n
         var = (stats[C : 2 * C] / n - mean * mean).clamp_min(0)
@@ -104,17 +110,17 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
             self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), momentum)
         scale = torch.rsqrt(var + self.eps) * self.weight
-        y = (xf - mean[None, :, None, None]) * scale[None, :, None, None] + self.bias[None, :, None, None]
+        y = (xf - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
 
 def convert_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Global-batch BatchNorm: torch's SyncBatchNorm on CUDA, :class:`GlobalBatchNorm2d` elsewhere."""
+    """Global-batch BatchNorm: torch's SyncBatchNorm on CUDA, :class:`GlobalBatchNorm` elsewhere."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
-        if type(child) is nn.BatchNorm2d:
-            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
             new.load_state_dict(child.state_dict())
             setattr(model, name, new.to(child.weight.device))
         else:

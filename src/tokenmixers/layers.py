@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +71,35 @@ def size_cache(fn: F_) -> F_:
         return cache[args]
 
     return wrapper  # type: ignore[return-value]
+
+
+@size_cache
+def window_mask(
+    H: int, W: int, wh: int, ww: int, shift_h: int, shift_w: int, device: torch.device, dtype: torch.dtype
+) -> Optional[torch.Tensor]:
+    """Additive mask ``(nWindows, 1, wh*ww, wh*ww)`` for a (shifted) padded map, or None if unneeded.
+
+    ``H x W`` is the real map, padded at the bottom/right to multiples of ``wh x ww`` and rolled by
+    ``(-shift_h, -shift_w)``. Tokens may attend to each other only if they come from the same region
+    of the rolled map (the Swin shift mask) and are both real or both padding.
+    """
+    Hp, Wp = num_windows(H, wh) * wh, num_windows(W, ww) * ww
+    if (Hp, Wp, shift_h, shift_w) == (H, W, 0, 0):
+        return None
+
+    def regions(size: int, window: int, shift: int) -> torch.Tensor:
+        r = torch.zeros(size, dtype=torch.long)
+        if shift:
+            r[size - window : size - shift] = 1
+            r[size - shift :] = 2
+        return r
+
+    region = regions(Hp, wh, shift_h)[:, None] * 3 + regions(Wp, ww, shift_w)[None, :]
+    pad = torch.zeros(Hp, Wp, dtype=torch.long)
+    pad[H:, :] = 1
+    pad[:, W:] = 1
+    group = region * 2 + torch.roll(pad, (-shift_h, -shift_w), (0, 1))
+    group = window_partition(group[None, :, :, None], (wh, ww))[0, :, :, 0]  # nW, N
+    different = group[:, :, None] != group[:, None, :]
+    mask = torch.zeros(different.shape, dtype=dtype).masked_fill(different, masked_value(dtype))
+    return mask.unsqueeze(1).to(device)

@@ -231,3 +231,90 @@ register_family(
     recipe="cnn",
     norm_eps=1e-5,
 )
+
+# -- the related systems' mixers at the paper's budgets ----------------------------------------------
+# Depths and widths were chosen so that every model lands within +-3% of the DWConv model's
+# parameters (4.44M / 31.9M / 54.4M / 95.9M) and +-10% of its MACs at 224 (0.65 / 5.00 / 9.39 /
+# 16.62 G, all products counted); `tokenmixers bench 'unified_*'` prints both, the tests assert them.
+
+# DWNet's dynamic depth-wise conv. The kernel generator predicts C*49 values from C/r features; with
+# DWNet's r = 4 it alone holds 12.5*C^2 parameters per block (DWNet-T doubles to 51M), so r = 16 here,
+# and depth moves from stage 4 (most parameters, no extra MACs) to stages 1-2 to keep the MACs.
+register_family(
+    "dyn_dwconv",
+    "dyn_dwconv",
+    {  # params / MACs vs DWConv: -0.3% / -4.3%, -2.0% / +0.3%, +1.2% / -2.7%, +1.3% / -2.7%
+        "micro": dict(depths=(4, 3, 7, 2), dims=(32, 64, 128, 256), drop_path_rate=0.0),
+        "tiny": dict(depths=(2, 4, 8, 1), dims=(96, 192, 384, 768), drop_path_rate=0.1),
+        "small": dict(depths=(4, 4, 20, 1), dims=(96, 192, 384, 768), drop_path_rate=0.4),
+        "base": dict(depths=(4, 4, 20, 1), dims=(128, 256, 512, 1024), drop_path_rate=0.5),
+    },
+    source="DWNet dynamic depth-wise conv (Han et al., ICLR 2022), homogeneous",
+    recipe="cnn",
+    mixer_args={"reduction": 16},
+    norm_eps=1e-6,
+)
+# DWNet's inhomogeneous dynamic depth-wise conv: per-pixel 7x7 kernels, one per group of 16 channels
+# (DWNet uses 32 groups; 16-channel groups, as DCNv3's, fit the micro budget).
+register_family(
+    "idyn_dwconv",
+    "idyn_dwconv",
+    {  # +1.6% / -2.1%, +2.4% / +0.8%, -1.0% / -2.3%, -0.7% / -1.9%
+        "micro": dict(depths=(3, 3, 7, 3), dims=(32, 64, 128, 256), heads=(2, 4, 8, 16), drop_path_rate=0.0),
+        "tiny": dict(depths=(2, 2, 8, 2), dims=(96, 192, 384, 768), heads=(6, 12, 24, 48), drop_path_rate=0.1),
+        "small": dict(depths=(2, 2, 21, 2), dims=(96, 192, 384, 768), heads=(6, 12, 24, 48), drop_path_rate=0.4),
+        "base": dict(depths=(2, 2, 21, 2), dims=(128, 256, 512, 1024), heads=(8, 16, 32, 64), drop_path_rate=0.5),
+    },
+    source="DWNet inhomogeneous dynamic depth-wise conv (Han et al., ICLR 2022)",
+    recipe="cnn",
+    norm_eps=1e-6,
+)
+# Twins-SVT: LSA (7x7 windows) on even blocks, GSA (sr 8/4/2/1) on odd blocks, and the conditional
+# position encoding after the first block of each stage; every stage has an even depth.
+register_family(
+    "twins",
+    "twins",
+    {  # +2.9% / +0.1%, -0.3% / -4.0%, -1.9% / -4.3%, -1.7% / -4.7%
+        "micro": dict(depths=(2, 2, 8, 2), dims=(32, 64, 128, 256), drop_path_rate=0.0),
+        "tiny": dict(depths=(2, 4, 4, 2), dims=(96, 192, 384, 768), drop_path_rate=0.2),
+        "small": dict(depths=(4, 4, 14, 2), dims=(96, 192, 384, 768), drop_path_rate=0.3),
+        "base": dict(depths=(4, 4, 14, 2), dims=(128, 256, 512, 1024), drop_path_rate=0.5),
+    },
+    source="Twins-SVT (Chu et al., NeurIPS 2021)",
+    stage_mixer_args=({"sr_ratio": 8}, {"sr_ratio": 4}, {"sr_ratio": 2}, {"sr_ratio": 1}),
+    pos_embed="conv",
+    pos_embed_blocks=1,
+    norm_eps=1e-6,
+)
+# STViT: super tokens of 8x8 / 4x4 cells in stages 1-2, global attention in stages 3-4, and the
+# convolutional position encoding before every block.
+register_family(
+    "stvit",
+    "stvit",
+    {  # -1.1% / +8.3%, +0.7% / +0.3%, -1.7% / +1.6%, -1.5% / +0.3%
+        "micro": dict(depths=(2, 2, 9, 2), dims=(32, 64, 128, 256), drop_path_rate=0.0),
+        "tiny": dict(depths=(3, 3, 6, 2), dims=(96, 192, 384, 768), drop_path_rate=0.2),
+        "small": dict(depths=(3, 3, 18, 2), dims=(96, 192, 384, 768), drop_path_rate=0.3),
+        "base": dict(depths=(3, 3, 18, 2), dims=(128, 256, 512, 1024), drop_path_rate=0.5),
+    },
+    source="STViT super-token attention (Huang et al., CVPR 2023)",
+    stage_mixer_args=({"cell_size": 8}, {"cell_size": 4}, {"cell_size": 1}, {"cell_size": 1}),
+    pos_embed="conv",
+    pos_embed_blocks="all",
+    norm_eps=1e-6,
+)
+
+# -- the paper's ablations -------------------------------------------------------------------------------
+# Table VII (local attention, small models): halo on every second block, a 1-pixel halo, and the query
+# block moved to the top-left corner of its (unchanged) key window.
+register_variant("unified_halo_small_switch", "unified_halo_small", mixer_args={"halo_every": 2})
+register_variant("unified_halo_small_1px", "unified_halo_small", mixer_args={"halo_size": 1})
+register_variant("unified_halo_small_shift", "unified_halo_small", mixer_args={"query_offset": 0})
+# Table VI (architecture, small models): B = LayerNorm after pooling, C = B without stage norms,
+# D = the ConvNeXt block (DWConv then without its 1x1 projections, as in ConvNeXt).
+for _family in ("halo", "pvt", "swin", "convnext", "dcn_v3"):
+    _base = f"unified_{_family}_small"
+    register_variant(f"{_base}_b", _base, norm_after_pool=True)
+    register_variant(f"{_base}_c", _base, norm_after_pool=True, stage_norms=False)
+    _d = {"mixer_args": {**MODEL_ARGS[_base].get("mixer_args", {}), "projections": False}} if _family == "convnext" else {}
+    register_variant(f"{_base}_d", _base, block_style="convnext", **_d)

@@ -113,4 +113,4 @@ def create_mixer(name: str, dim: int, num_heads: int = 1, block_index: int = 0, 
 
 
 # Built-in mixers register themselves on import.
-from . import dcnv3, dwconv, halo, sra, swin  # noqa: E402,F401
+from . import dcnv3, dwconv, dyn_dwconv, halo, idyn_dwconv, sra, stvit, swin, twins  # noqa: E402,F401

@@ -2,7 +2,8 @@
 
 ``out_proj(dwconv_k x k(in_proj(x)))`` with a ``kernel_size`` depth-wise convolution (7 by
 default, zero padding, any size). ``projections=False`` drops the two 1x1 projections, which is
-the plain ConvNeXt depth-wise conv used with the ConvNeXt-style block.
+the plain ConvNeXt depth-wise conv used with the ConvNeXt-style block. :class:`ProjectedMixer`
+is the shared shape of the depth-wise family (static here, dynamic in ``dyn_dwconv``/``idyn_dwconv``).
 """
 from __future__ import annotations
 
@@ -12,8 +13,25 @@ from torch import nn
 from . import TokenMixer, register_mixer
 
 
+class ProjectedMixer(TokenMixer):
+    """``out_proj(spatial(in_proj(x)))``: a spatial operator between two 1x1 projections."""
+
+    def __init__(self, dim: int, num_heads: int = 1, block_index: int = 0, projections: bool = True) -> None:
+        super().__init__(dim, num_heads, block_index)
+        self.in_proj = nn.Linear(dim, dim) if projections else nn.Identity()
+        self.out_proj = nn.Linear(dim, dim) if projections else nn.Identity()
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The spatial operator: ``(B, H, W, C) -> (B, H, W, C)``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``."""
+        return self.out_proj(self.spatial(self.in_proj(x)))
+
+
 @register_mixer("dwconv")
-class DepthwiseConvMixer(TokenMixer):
+class DepthwiseConvMixer(ProjectedMixer):
     """``k x k`` depth-wise convolution, optionally between two 1x1 projections."""
 
     def __init__(
@@ -25,15 +43,11 @@ class DepthwiseConvMixer(TokenMixer):
         kernel_size: int = 7,
         projections: bool = True,
     ) -> None:
-        super().__init__(dim, num_heads, block_index)
+        super().__init__(dim, num_heads, block_index, projections)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-        self.in_proj = nn.Linear(dim, dim) if projections else nn.Identity()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.out_proj = nn.Linear(dim, dim) if projections else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C) -> (B, H, W, C)``."""
-        x = self.in_proj(x)
-        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.out_proj(x)
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """Depth-wise convolution on the channels-last map (an NCHW view)."""
+        return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import trunc_normal_
 
-from ..layers import masked_value, num_windows, pad_to_multiple, size_cache, window_merge, window_partition
+from ..layers import pad_to_multiple, size_cache, window_mask, window_merge, window_partition
 from . import TokenMixer, register_mixer
 
 
@@ -36,37 +36,6 @@ def relative_position_index(wh: int, ww: int, window: int, device: torch.device)
     coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
-
-
-@size_cache
-def window_mask(
-    H: int, W: int, wh: int, ww: int, shift_h: int, shift_w: int, device: torch.device, dtype: torch.dtype
-) -> Optional[torch.Tensor]:
-    """Additive mask ``(nWindows, 1, wh*ww, wh*ww)`` for a shifted, padded map, or None if unneeded.
-
-    Tokens may attend to each other only if they come from the same region of the rolled map
-    (the Swin shift mask) and are both real or both padding.
-    """
-    Hp, Wp = num_windows(H, wh) * wh, num_windows(W, ww) * ww
-    if (Hp, Wp, shift_h, shift_w) == (H, W, 0, 0):
-        return None
-
-    def regions(size: int, window: int, shift: int) -> torch.Tensor:
-        r = torch.zeros(size, dtype=torch.long)
-        if shift:
-            r[size - window : size - shift] = 1
-            r[size - shift :] = 2
-        return r
-
-    region = regions(Hp, wh, shift_h)[:, None] * 3 + regions(Wp, ww, shift_w)[None, :]
-    pad = torch.zeros(Hp, Wp, dtype=torch.long)
-    pad[H:, :] = 1
-    pad[:, W:] = 1
-    group = region * 2 + torch.roll(pad, (-shift_h, -shift_w), (0, 1))
-    group = window_partition(group[None, :, :, None], (wh, ww))[0, :, :, 0]  # nW, N
-    different = group[:, :, None] != group[:, None, :]
-    mask = torch.zeros(different.shape, dtype=dtype).masked_fill(different, masked_value(dtype))
-    return mask.unsqueeze(1).to(device)
 
 
 @register_mixer("swin")
