@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,3 +16,12 @@ MICRO_MODELS = [m for m in PAPER_MODELS if m.endswith("_micro")]
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def garbage_pad_to_multiple(t: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Like ``layers.pad_to_multiple`` but fills the padding with large values (must never leak)."""
+    _, H, W, _ = t.shape
+    wh, ww = window
+    padded = torch.full((t.shape[0], math.ceil(H / wh) * wh, math.ceil(W / ww) * ww, t.shape[3]), 1e3, dtype=t.dtype)
+    padded[:, :H, :W] = t
+    return padded

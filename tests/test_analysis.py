@@ -14,7 +14,15 @@ from torch import nn
 
 from tokenmixers.analysis import load_images
 from tokenmixers.analysis.erf import erf_at, erf_maps, erf_metrics, run_erf
-from tokenmixers.analysis.invariance import DIRECTIONS, KINDS, Views, draw_directions, invariance, run_invariance, strengths
+from tokenmixers.analysis.invariance import (
+    DIRECTIONS,
+    KINDS,
+    Views,
+    draw_directions,
+    invariance,
+    run_invariance,
+    strengths,
+)
 from tokenmixers.data import DataError
 
 

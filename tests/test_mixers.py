@@ -12,6 +12,8 @@ import tokenmixers.mixers.swin as swin_module
 from tokenmixers.layers import window_mask, window_partition
 from tokenmixers.mixers import create_mixer, list_mixers, mixer_options
 
+from .conftest import garbage_pad_to_multiple
+
 MIXER_CASES = {
     "halo": dict(num_heads=2),
     "sra": dict(num_heads=2, sr_ratio=4),
@@ -196,14 +198,7 @@ def test_swin_padding_never_acts_as_a_token(monkeypatch: pytest.MonkeyPatch) -> 
     x = torch.randn(2, 10, 17, 16, dtype=torch.float64)
     expected = m(x)
 
-    def garbage_pad(t: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-        _, H, W, _ = t.shape
-        wh, ww = window
-        padded = torch.full((t.shape[0], math.ceil(H / wh) * wh, math.ceil(W / ww) * ww, t.shape[3]), 1e3, dtype=t.dtype)
-        padded[:, :H, :W] = t
-        return padded
-
-    monkeypatch.setattr(swin_module, "pad_to_multiple", garbage_pad)
+    monkeypatch.setattr(swin_module, "pad_to_multiple", garbage_pad_to_multiple)
     assert torch.allclose(m(x), expected, atol=1e-10)
 
 

@@ -1,8 +1,6 @@
 """DWNet's dynamic convs, Twins' LSA/GSA and STViT's super tokens: references, masks, budgets, ablations."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import timm
 import torch
@@ -13,6 +11,8 @@ import tokenmixers.mixers.stvit as stvit_module
 import tokenmixers.mixers.twins as twins_module
 from tokenmixers.bench import count_macs
 from tokenmixers.mixers import create_mixer, list_mixers
+
+from .conftest import garbage_pad_to_multiple
 
 NEW_FAMILIES = ("dyn_dwconv", "idyn_dwconv", "twins", "stvit")
 # the DWConv models of the paper: parameters and all-products MACs at 224
@@ -108,14 +108,7 @@ def test_twins_lsa_mask_for_every_padding(size: tuple[int, int], monkeypatch: py
     expected = naive_lsa(m, x)
     assert torch.allclose(m(x), expected, atol=1e-10)
 
-    def garbage_pad(t: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-        _, H, W, _ = t.shape
-        wh, ww = window
-        padded = torch.full((t.shape[0], math.ceil(H / wh) * wh, math.ceil(W / ww) * ww, t.shape[3]), 1e3, dtype=t.dtype)
-        padded[:, :H, :W] = t
-        return padded
-
-    monkeypatch.setattr(twins_module, "pad_to_multiple", garbage_pad)
+    monkeypatch.setattr(twins_module, "pad_to_multiple", garbage_pad_to_multiple)
     assert torch.allclose(m(x), expected, atol=1e-10)
 
 
@@ -143,7 +136,7 @@ def naive_sta(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return [(a + dy - 1, b + dx - 1) for dy in range(3) for dx in range(3)]
 
     tokens = {key: p.mean(0) for key, p in cells.items()}
-    for step in range(m.n_iter):
+    for _ in range(m.n_iter):
         assoc = {}
         for (a, b), p in cells.items():
             cand = torch.stack([tokens.get(n, zero) for n in nbrs(tokens, a, b)])
@@ -160,7 +153,7 @@ def naive_sta(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     refined = m.attention(torch.stack([tokens[key] for key in order])[None])[0]
     refined = dict(zip(order, refined))
     out = torch.zeros(H, W, C, dtype=x.dtype)
-    for (a, b), p in cells.items():
+    for a, b in cells:
         cand = torch.stack([refined.get(n, zero) for n in nbrs(tokens, a, b)])
         out[a * h : (a + 1) * h, b * w : (b + 1) * w] = (assoc[(a, b)] @ cand).view(h, w, C)
     return out[None]

@@ -255,3 +255,30 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
     # distributed evaluation counts every validation image exactly once (364 is not a multiple of 2 x batch)
     assert summary["history"][-1]["val_images"] == 364
     assert np.isclose(summary["top1"], json.loads((tmp_path / "one" / "summary.json").read_text())["top1"], atol=1.0)
+
+
+def test_slurm_launch_without_torchrun(tmp_path: Path) -> None:
+    # what srun does: start N copies with SLURM_* set; ranks, world size and rendezvous come from them
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "OMP_NUM_THREADS": "1"}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(key, None)
+        procs.append(subprocess.Popen(_cli("train", "--recipe", "digits", f"output={tmp_path}",
+                                           *_overrides(epochs=1, max_steps_per_epoch=2, batch_size=16, ema=False)),
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    assert "2 process(es)" in (tmp_path / "log.txt").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+
+
+def test_bf16_and_gradient_accumulation_on_cpu(tmp_path: Path) -> None:
+    summary = train("digits", {**QUICK, "precision": "bf16", "accum_steps": 2, "batch_size": 16, "epochs": 1,
+                               "max_steps_per_epoch": 3, "channels_last": True, "grad_checkpointing": True,
+                               "output": str(tmp_path)})
+    assert summary["steps"] == 3 and summary["global_batch"] == 32
+    assert "precision bf16" in (tmp_path / "log.txt").read_text()
+    assert np.isfinite(summary["history"][0]["train_loss"])

@@ -23,10 +23,10 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
+from torch import nn
 
 from .mixers import TokenMixer, create_mixer
 

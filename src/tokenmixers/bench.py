@@ -14,10 +14,8 @@ Two MAC conventions are reported:
 from __future__ import annotations
 
 import contextlib
-import csv
 import ctypes
 import fnmatch
-import io
 import json
 import math
 import os
@@ -32,7 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .backbone import Head
-from .files import atomic_write_text
+from .files import atomic_write_csv, atomic_write_text
 from .zoo import FAMILIES, MODEL_FAMILY, create_model, list_models
 
 aten = torch.ops.aten
@@ -150,7 +148,7 @@ def measure_speed(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    fn = torch.compile(model) if compile else model
+    fn = torch.compile(model, dynamic=False) if compile else model  # one graph per input size
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch_dtype, enabled=dtype != "float32")
     cuda = torch.device(device).type == "cuda"
 
@@ -251,13 +249,8 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
 def write_results(rows: Sequence[dict[str, Any]], out_dir: os.PathLike, stem: str = "bench") -> list[Path]:
     """Write rows as JSON, CSV and markdown into ``out_dir``; return the paths."""
     out = Path(out_dir)
-    buf = io.StringIO()
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
     paths = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.md"]
     atomic_write_text(paths[0], json.dumps(list(rows), indent=2))
-    atomic_write_text(paths[1], buf.getvalue())
+    atomic_write_csv(paths[1], rows)
     atomic_write_text(paths[2], to_markdown(rows) + "\n")
     return paths

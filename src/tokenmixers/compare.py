@@ -10,8 +10,6 @@ data with the ``digits`` recipe.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -20,7 +18,7 @@ import torch
 
 from .bench import count_macs, count_params, measure_speed, resolve_models
 from .config import build_config, parse_overrides
-from .files import atomic_write_text
+from .files import atomic_write_csv, atomic_write_text
 from .zoo import FAMILIES, create_model, list_models
 
 
@@ -125,12 +123,7 @@ def _write_report(rows: list[dict[str, Any]], output: Path, recipe: Any, overrid
     report = output / "report.md"
     atomic_write_text(report, text)
     atomic_write_text(output / "results.json", json.dumps(rows, indent=2))
-    flat = [{k: v for k, v in r.items() if k != "history"} for r in rows]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(flat[0]))
-    writer.writeheader()
-    writer.writerows(flat)
-    atomic_write_text(output / "results.csv", buf.getvalue())
+    atomic_write_csv(output / "results.csv", [{k: v for k, v in r.items() if k != "history"} for r in rows])
     return report
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from timm.utils.distributed import init_distributed_device_so
+from torch import nn
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Atomic file writes: a crash never leaves a half-written result or checkpoint behind."""
 from __future__ import annotations
 
+import csv
+import io
 import os
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO, Any, Callable, Mapping, Sequence
 
 
 def atomic_write(path: os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -26,3 +28,12 @@ def atomic_write(path: os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
 def atomic_write_text(path: os.PathLike, text: str) -> Path:
     """Write a UTF-8 text file atomically."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_csv(path: os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write dict rows as CSV atomically; the columns are the union of the rows' keys, in order."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

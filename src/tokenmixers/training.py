@@ -15,8 +15,6 @@ in the output folder.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import random
 import sys
@@ -33,11 +31,11 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
-from .converters import to_tokenmixers
 from .config import build_config
+from .converters import to_tokenmixers
 from .data import DataError, EpochSampler, ImageDataset, ShardSampler, build_dataset, check_labels
 from .distributed import DistInfo, all_reduce_sum, barrier, convert_batchnorm, init_distributed
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_csv, atomic_write_text
 from .zoo import create_model
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -223,18 +221,6 @@ def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
     gathered: list[Any] = [None] * info.world_size
     dist.all_gather_object(gathered, state)
     return gathered
-
-
-def _write_metrics(out: Path, history: Sequence[dict[str, Any]]) -> None:
-    """Rewrite ``metrics.csv`` atomically from the full history."""
-    if not history:
-        return
-    buf = io.StringIO()
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(out / "metrics.csv", buf.getvalue())
 
 
 def train(
@@ -478,7 +464,7 @@ def train(
         if improved:
             save("best")
         if info.primary:
-            _write_metrics(out, history)
+            atomic_write_csv(out / "metrics.csv", history)
             if writer is not None:
                 for key, value in row.items():
                     if key not in ("epoch",):

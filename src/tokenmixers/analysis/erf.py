@@ -180,13 +180,11 @@ def run_erf(
     layer_scale: Optional[float] = None,
 ) -> dict[str, dict[str, Any]]:
     """ERF maps and metrics of several models on the same images; write ``.npz``, JSON, CSV and PNGs."""
-    import csv
-    import io
     import json
 
     from timm.data import create_transform
 
-    from ..files import atomic_write, atomic_write_text
+    from ..files import atomic_write, atomic_write_csv, atomic_write_text
     from . import load_images, load_model
 
     dataset = load_images(images, limit=limit)
@@ -198,7 +196,7 @@ def run_erf(
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         transform = create_transform(input_size, is_training=False, crop_pct=1.0, interpolation="bicubic",
                                      mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)))
-        maps = erf_maps(model, image_batches(dataset, lambda im: transform(im.convert("RGB")), batch_size), stages, device)
+        maps = erf_maps(model, image_batches(dataset, lambda im, t=transform: t(im.convert("RGB")), batch_size), stages, device)
         all_maps[name] = maps
         results[name] = {"weights": weights, "images": len(dataset), "input_size": input_size,
                          "stages": {s: erf_metrics(m) for s, m in maps.items()}}
@@ -214,9 +212,5 @@ def run_erf(
     atomic_write_text(out / "erf_metrics.json", json.dumps(results, indent=2))
     rows = [{"model": m, "weights": r["weights"], "stage": s + 1, **metrics}
             for m, r in results.items() for s, metrics in r["stages"].items()]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "erf_metrics.csv", buf.getvalue())
+    atomic_write_csv(out / "erf_metrics.csv", rows)
     return results

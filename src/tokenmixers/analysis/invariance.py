@@ -228,12 +228,10 @@ def run_invariance(
     out: Union[str, Path] = "results/invariance",
 ) -> dict[str, list[dict[str, Any]]]:
     """Run the protocol for several models (torchrun shards the images); write JSON, CSV and plots."""
-    import csv
-    import io
     import json
 
     from ..distributed import init_distributed
-    from ..files import atomic_write_text
+    from ..files import atomic_write_csv, atomic_write_text
     from . import load_images, load_model
 
     info = init_distributed(device)
@@ -254,10 +252,6 @@ def run_invariance(
         out = Path(out)
         flat = [r for rows in results.values() for r in rows]
         atomic_write_text(out / "invariance.json", json.dumps(flat, indent=2))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(flat[0]))
-        writer.writeheader()
-        writer.writerows(flat)
-        atomic_write_text(out / "invariance.csv", buf.getvalue())
+        atomic_write_csv(out / "invariance.csv", flat)
         plot_invariance(results, out / "invariance.png")
     return results

@@ -14,12 +14,22 @@ from . import TokenMixer, register_mixer
 
 
 class ProjectedMixer(TokenMixer):
-    """``out_proj(spatial(in_proj(x)))``: a spatial operator between two 1x1 projections."""
+    """``out_proj(spatial(in_proj(x)))``: a ``kernel_size`` spatial operator between two 1x1 projections."""
 
-    def __init__(self, dim: int, num_heads: int = 1, block_index: int = 0, projections: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, block_index: int, kernel_size: int, projections: bool = True) -> None:
         super().__init__(dim, num_heads, block_index)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        self.kernel_size = kernel_size
         self.in_proj = nn.Linear(dim, dim) if projections else nn.Identity()
         self.out_proj = nn.Linear(dim, dim) if projections else nn.Identity()
+
+    @staticmethod
+    def hidden_width(dim: int, reduction: int) -> int:
+        """Width ``dim // reduction`` of a kernel generator, checked."""
+        if reduction < 1 or dim // reduction < 1:
+            raise ValueError(f"reduction must be in [1, dim={dim}], got {reduction}")
+        return dim // reduction
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """The spatial operator: ``(B, H, W, C) -> (B, H, W, C)``."""
@@ -43,9 +53,7 @@ class DepthwiseConvMixer(ProjectedMixer):
         kernel_size: int = 7,
         projections: bool = True,
     ) -> None:
-        super().__init__(dim, num_heads, block_index, projections)
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        super().__init__(dim, num_heads, block_index, kernel_size, projections)
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:

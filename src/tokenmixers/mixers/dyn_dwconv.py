@@ -33,13 +33,8 @@ class DynamicDWConv(ProjectedMixer):
         reduction: int = 4,
         projections: bool = True,
     ) -> None:
-        super().__init__(dim, num_heads, block_index, projections)
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-        if reduction < 1 or dim // reduction < 1:
-            raise ValueError(f"reduction must be in [1, dim={dim}], got {reduction}")
-        self.kernel_size = kernel_size
-        hidden = dim // reduction
+        super().__init__(dim, num_heads, block_index, kernel_size, projections)
+        hidden = self.hidden_width(dim, reduction)
         self.reduce = nn.Linear(dim, hidden, bias=False)
         self.bn = nn.BatchNorm1d(hidden)
         self.act = nn.ReLU()

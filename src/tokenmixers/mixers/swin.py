@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import trunc_normal_
+from torch import nn
 
 from ..layers import pad_to_multiple, size_cache, window_mask, window_merge, window_partition
 from . import TokenMixer, register_mixer
