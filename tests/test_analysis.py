@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -242,7 +243,7 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
         "    def forward(self, x):\n        return self.fc(x.mean((2, 3)))\n\n"
         "@register_model\ndef plain_net(pretrained=False, **kwargs):\n    return Plain()\n"
     )
-    plain = _cli("--import", str(plugin), "erf", "plain_net", "--n", "2", "--out", str(tmp_path / "o"))
+    plain = _cli("--import", str(plugin), "erf", "plain_net", "--num-images", "2", "--out", str(tmp_path / "o"))
     assert plain.returncode == 2 and "has no forward_intermediates" in plain.stderr
 
 
@@ -254,3 +255,20 @@ def test_load_images_sources(tmp_path: Path) -> None:
     assert len(unlabelled) == 3 and unlabelled.samples[0].label == -1
     with pytest.raises(DataError, match="does not exist"):
         load_images(str(tmp_path / "missing"))
+
+
+def test_invariance_under_torchrun_counts_each_image_once(tmp_path: Path) -> None:
+    args = ["invariance", "unified_pvt_micro", "--data", "digits", "--num-images", "9", "--kinds", "translation",
+            "--input-size", "48"]
+    single = _cli(*args, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+         "-m", "tokenmixers.cli", *args, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    one_rows = json.loads((tmp_path / "one" / "invariance.json").read_text())
+    two_rows = json.loads((tmp_path / "two" / "invariance.json").read_text())
+    assert all(r["images"] == 9 for r in two_rows)  # 9 images over 2 processes: 5 + 4, no padding
+    assert one_rows == two_rows

@@ -35,7 +35,7 @@ def cmd_list(args: argparse.Namespace) -> None:
     for name in tokenmixers.list_models(args.pattern):
         with torch.device("meta"):
             params = count_params(tokenmixers.create_model(name))
-        print(f"{name:36s} family={MODEL_FAMILY[name]:12s} mixer={model_args(name)['mixer']:8s} params={params / 1e6:7.2f}M")
+        print(f"{name:36s} family={MODEL_FAMILY[name]:12s} mixer={model_args(name)['mixer']:12s} params={params / 1e6:7.2f}M")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -129,7 +129,7 @@ def cmd_erf(args: argparse.Namespace) -> None:
     """Effective receptive fields per stage."""
     from tokenmixers.analysis.erf import run_erf
 
-    results = run_erf(args.models, args.images, _checkpoints(args), limit=args.n, input_size=args.input_size,
+    results = run_erf(args.models, args.images, _checkpoints(args), limit=args.num_images, input_size=args.input_size,
                       stages=args.stages, batch_size=args.batch_size, device=args.device, out=args.out,
                       layer_scale=args.layer_scale)
     for name, r in results.items():
@@ -142,7 +142,7 @@ def cmd_invariance(args: argparse.Namespace) -> None:
     """Translation / rotation / scale invariance."""
     from tokenmixers.analysis.invariance import run_invariance
 
-    results = run_invariance(args.models, args.data, args.kinds, _checkpoints(args), limit=args.n,
+    results = run_invariance(args.models, args.data, args.kinds, _checkpoints(args), limit=args.num_images,
                              batch_size=args.batch_size, input_size=args.input_size, crop_pct=args.crop_pct,
                              align=args.align, seed=args.seed, device=args.device, out=args.out)
     for name, rows in results.items():
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help="tokenmixers or timm model names")
     p.add_argument("--images", default="digits", help="'digits', a dataset root (val split) or any image folder")
     p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
-    p.add_argument("--n", type=int, default=50, help="number of images")
+    p.add_argument("--num-images", type=int, default=50, help="number of images")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--stages", type=int, nargs="*", default=None, help="0-based stage indices (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", default=["translation", "pre_rotation", "post_rotation", "scale"],
                    choices=["translation", "pre_rotation", "post_rotation", "scale"])
     p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
-    p.add_argument("--n", type=int, default=None, help="use the first N images")
+    p.add_argument("--num-images", type=int, default=None, help="use the first N images")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--crop-pct", type=float, default=0.875)

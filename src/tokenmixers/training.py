@@ -36,7 +36,7 @@ from .converters import to_tokenmixers
 from .data import DataError, EpochSampler, ImageDataset, ShardSampler, build_dataset, check_labels
 from .distributed import DistInfo, all_reduce_sum, barrier, convert_batchnorm, init_distributed
 from .files import atomic_write, atomic_write_csv, atomic_write_text
-from .zoo import create_model
+from .zoo import check_model_name, create_model
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -234,6 +234,7 @@ def train(
         overrides: settings to change, as a mapping or ``key=value`` strings.
     """
     cfg = build_config(recipe, overrides)
+    check_model_name(cfg["model"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     info = init_distributed(cfg["device"])

@@ -155,14 +155,21 @@ def model_args(name: str) -> dict[str, Any]:
         raise KeyError(f"unknown model {name!r}; try tokenmixers.list_models() (e.g. {list_models()[:3]})") from None
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
-    """Create a registered model (same as ``timm.create_model``); clear ``KeyError`` for unknown names."""
+def check_model_name(name: str) -> None:
+    """``KeyError`` with close matches unless ``name`` is a tokenmixers or timm model."""
     import timm
 
     if name not in MODEL_ARGS and not timm.is_model(name):
         close = difflib.get_close_matches(name, list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `tokenmixers list`"
         raise KeyError(f"unknown model {name!r}{hint}")
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """Create a registered model (same as ``timm.create_model``); clear ``KeyError`` for unknown names."""
+    import timm
+
+    check_model_name(name)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 

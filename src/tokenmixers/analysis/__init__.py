@@ -37,12 +37,15 @@ def load_images(source: str, split: str = "val", limit: Optional[int] = None) ->
     return dataset
 
 
-def load_model(name: str, checkpoint: Optional[str] = None, layer_scale: Optional[float] = None) -> tuple[nn.Module, str]:
+def load_model(
+    name: str, checkpoint: Optional[str] = None, layer_scale: Optional[float] = None, seed: int = 0
+) -> tuple[nn.Module, str]:
     """A tokenmixers or timm model, with weights from a checkpoint (ours or official) if given.
 
-    ``layer_scale`` sets every layer-scale gamma of a randomly initialised model (at the usual 1e-6
-    the mixers of an untrained model barely contribute). Returns the model and a description of
-    its weights (``"random weights"``, ``"random weights, layer scale 1"`` or the path).
+    Random weights come from ``seed`` (the same on every process and every run). ``layer_scale``
+    sets every layer-scale gamma of a randomly initialised model (at the usual 1e-6 the mixers of an
+    untrained model barely contribute). Returns the model and a description of its weights
+    (``"random weights"``, ``"random weights, layer scale 1"`` or the path).
     """
     import torch
     from timm.layers import LayerScale
@@ -50,6 +53,7 @@ def load_model(name: str, checkpoint: Optional[str] = None, layer_scale: Optiona
     from ..checkpoint import load_checkpoint
     from ..zoo import create_model
 
+    torch.manual_seed(seed)
     model = create_model(name)
     if checkpoint:
         load_checkpoint(model, checkpoint)

@@ -239,7 +239,7 @@ def run_invariance(
     indices = list(range(info.rank, len(dataset), info.world_size))
     results: dict[str, list[dict[str, Any]]] = {}
     for name, checkpoint in zip(models, checkpoints or [None] * len(models)):
-        model, weights = load_model(name, checkpoint)
+        model, weights = load_model(name, checkpoint, seed=seed)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         views = Views(input_size, crop_pct, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)), align)
         rows = []
