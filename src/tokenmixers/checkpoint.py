@@ -92,7 +92,7 @@ def _pickle_globals(path: Path) -> list[str]:
     return sorted({g for g in found if not g.startswith(_SAFE_GLOBAL_PREFIXES)})
 
 
-def _torch_load(path: Path) -> Any:
+def safe_torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)`` with errors that say what is wrong with the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -143,7 +143,7 @@ def read_state_dict(path: PathLike, entry: str = "auto") -> tuple[StateDict, Opt
     if path.suffix == ".safetensors" or is_safetensors:
         obj: Any = _read_safetensors(path)
     else:
-        obj = _torch_load(path)
+        obj = safe_torch_load(path)
 
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
+from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, safe_torch_load
 from .config import build_config
 from .converters import to_tokenmixers
 from .data import DataError, EpochSampler, ImageDataset, ShardSampler, build_dataset, check_labels
@@ -322,7 +322,9 @@ def train(
     if resume == "auto":
         resume = str(out / "last.pth") if (out / "last.pth").is_file() else None
     if resume:
-        state = torch.load(resume, map_location="cpu", weights_only=True)
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"resume checkpoint {resume} does not exist (resume=auto finds {out / 'last.pth'})")
+        state = safe_torch_load(Path(resume))
         model.load_state_dict(state["model"])
         if ema is not None and state.get("model_ema") is not None:
             ema.module.load_state_dict(state["model_ema"])
