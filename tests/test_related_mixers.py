@@ -268,3 +268,11 @@ def test_models_any_size_and_backward(family: str) -> None:
         assert out.shape == (2, 4) and torch.isfinite(out).all()
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_dynamic_dwconv_single_sample_training_fails_clearly() -> None:
+    m = create_mixer("dyn_dwconv", 16)
+    x = torch.randn(1, 9, 9, 16)
+    with pytest.raises(ValueError, match="at least 2 samples per process"):
+        m(x)
+    assert m.eval()(x).shape == x.shape
