@@ -25,3 +25,11 @@ def garbage_pad_to_multiple(t: torch.Tensor, window: tuple[int, int]) -> torch.T
     padded = torch.full((t.shape[0], math.ceil(H / wh) * wh, math.ceil(W / ww) * ww, t.shape[3]), 1e3, dtype=t.dtype)
     padded[:, :H, :W] = t
     return padded
+
+
+def randomised(mixer: torch.nn.Module) -> torch.nn.Module:
+    """Give every parameter a visible random value (gammas/offsets are not zero); float64, eval mode."""
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.normal_(0, 0.3)
+    return mixer.double().eval()

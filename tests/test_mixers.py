@@ -12,7 +12,7 @@ import tokenmixers.mixers.swin as swin_module
 from tokenmixers.layers import window_mask, window_partition
 from tokenmixers.mixers import create_mixer, list_mixers, mixer_options
 
-from .conftest import garbage_pad_to_multiple
+from .conftest import garbage_pad_to_multiple, randomised
 
 MIXER_CASES = {
     "halo": dict(num_heads=2),
@@ -27,14 +27,6 @@ MIXER_CASES = {
 }
 
 
-def _init(mixer: torch.nn.Module) -> torch.nn.Module:
-    """Give every parameter a visible random value (gammas/offsets are not zero)."""
-    with torch.no_grad():
-        for p in mixer.parameters():
-            p.normal_(0, 0.3)
-    return mixer.double().eval()
-
-
 def test_every_builtin_mixer_is_covered() -> None:
     assert set(MIXER_CASES) <= set(list_mixers())
 
@@ -42,7 +34,7 @@ def test_every_builtin_mixer_is_covered() -> None:
 @pytest.mark.parametrize("name", sorted(MIXER_CASES))
 @pytest.mark.parametrize("size", [(1, 1), (7, 7), (11, 13), (16, 9), (29, 30)])
 def test_layout_contract(name: str, size: tuple[int, int]) -> None:
-    mixer = _init(create_mixer(name, 32, **MIXER_CASES[name]))
+    mixer = randomised(create_mixer(name, 32, **MIXER_CASES[name]))
     x = torch.randn(3, *size, 32, dtype=torch.float64)
     out = mixer(x)
     assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
@@ -102,7 +94,7 @@ def naive_halo(m: halo_module.HaloAttention, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("size", [(7, 7), (10, 12), (15, 8), (4, 12), (17, 3)])
 @pytest.mark.parametrize("options", [{}, {"query_offset": 0}, {"halo_size": 1}])
 def test_halo_matches_naive(size: tuple[int, int], options: dict) -> None:
-    m = _init(create_mixer("halo", 8, num_heads=2, **options))
+    m = randomised(create_mixer("halo", 8, num_heads=2, **options))
     x = torch.randn(1, *size, 8, dtype=torch.float64)
     expected = naive_halo(m, x)
     assert torch.allclose(m(x), expected, atol=1e-10)  # training path (index_select windows)
@@ -111,7 +103,7 @@ def test_halo_matches_naive(size: tuple[int, int], options: dict) -> None:
 
 
 def test_halo_padding_never_acts_as_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = _init(create_mixer("halo", 16, num_heads=2))
+    m = randomised(create_mixer("halo", 16, num_heads=2))
     x = torch.randn(2, 10, 12, 16, dtype=torch.float64)
     expected = m(x)
     real_pad = F.pad
@@ -171,7 +163,7 @@ def naive_swin(m: swin_module.ShiftedWindowAttention, x: torch.Tensor) -> torch.
 @pytest.mark.parametrize("block_index", [0, 1])
 @pytest.mark.parametrize("size", [(5, 6), (7, 7), (14, 14), (9, 16), (16, 9), (3, 20), (1, 1)])
 def test_swin_matches_naive(block_index: int, size: tuple[int, int]) -> None:
-    m = _init(create_mixer("swin", 8, num_heads=2, block_index=block_index))
+    m = randomised(create_mixer("swin", 8, num_heads=2, block_index=block_index))
     x = torch.randn(1, *size, 8, dtype=torch.float64)
     assert torch.allclose(m(x), naive_swin(m, x), atol=1e-10)
 
@@ -194,7 +186,7 @@ def test_swin_mask_equals_official_construction(size: tuple[int, int]) -> None:
 
 
 def test_swin_padding_never_acts_as_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = _init(create_mixer("swin", 16, num_heads=2, block_index=1))
+    m = randomised(create_mixer("swin", 16, num_heads=2, block_index=1))
     x = torch.randn(2, 10, 17, 16, dtype=torch.float64)
     expected = m(x)
 
@@ -214,7 +206,7 @@ def test_swin_shift_rule() -> None:
 
 
 def test_sra_is_attention_over_reduced_tokens() -> None:
-    m = _init(create_mixer("sra", 16, num_heads=2, sr_ratio=2))
+    m = randomised(create_mixer("sra", 16, num_heads=2, sr_ratio=2))
     x = torch.randn(1, 6, 8, 16, dtype=torch.float64)
     kv_in = m.norm(m.sr(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2))  # (1, 12, C)
     q = m.q(x).view(1, 48, 2, 8).transpose(1, 2)
@@ -225,7 +217,7 @@ def test_sra_is_attention_over_reduced_tokens() -> None:
 
 
 def test_sra_non_divisible_size_uses_every_pixel() -> None:
-    m = _init(create_mixer("sra", 16, num_heads=2, sr_ratio=4))
+    m = randomised(create_mixer("sra", 16, num_heads=2, sr_ratio=4))
     x = torch.randn(1, 9, 10, 16, dtype=torch.float64)
     assert m.reduce(x).shape == (1, 3 * 3, 16)
     y = x.clone()
@@ -237,7 +229,7 @@ def test_sra_non_divisible_size_uses_every_pixel() -> None:
 
 
 def _dcn(dim: int = 32, groups: int = 2) -> torch.nn.Module:
-    m = _init(create_mixer("dcnv3", dim, num_heads=groups))
+    m = randomised(create_mixer("dcnv3", dim, num_heads=groups))
     with torch.no_grad():
         for layer in (m.sampling_offsets, m.attention_weights):
             layer.weight.zero_()
@@ -293,7 +285,7 @@ def test_dcn_fractional_offset_is_bilinear() -> None:
 
 
 def test_dwconv_is_projections_around_a_depthwise_conv() -> None:
-    m = _init(create_mixer("dwconv", 8))
+    m = randomised(create_mixer("dwconv", 8))
     x = torch.randn(1, 9, 5, 8, dtype=torch.float64)
     inner = F.conv2d(m.in_proj(x).permute(0, 3, 1, 2), m.dwconv.weight, m.dwconv.bias, padding=3, groups=8)
     assert torch.allclose(m(x), m.out_proj(inner.permute(0, 2, 3, 1)), atol=1e-12)

@@ -12,7 +12,7 @@ import tokenmixers.mixers.twins as twins_module
 from tokenmixers.bench import count_macs
 from tokenmixers.mixers import create_mixer, list_mixers
 
-from .conftest import garbage_pad_to_multiple
+from .conftest import garbage_pad_to_multiple, randomised
 
 NEW_FAMILIES = ("dyn_dwconv", "idyn_dwconv", "twins", "stvit")
 # the DWConv models of the paper: parameters and all-products MACs at 224
@@ -20,18 +20,11 @@ DWCONV_BUDGET = {"micro": (4_439_624, 0.648e9), "tiny": (31_912_360, 4.997e9), "
                  "base": (95_865_576, 16.621e9)}
 
 
-def _randomised(m: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m.double().eval()
-
-
 # -- DWNet ----------------------------------------------------------------------------------------------
 
 
 def test_dynamic_dwconv_equals_per_sample_convolutions() -> None:
-    m = _randomised(create_mixer("dyn_dwconv", 16, reduction=4))
+    m = randomised(create_mixer("dyn_dwconv", 16, reduction=4))
     x = torch.randn(3, 9, 11, 16, dtype=torch.float64)
     kernels = m.kernels(m.in_proj(x)).view(3, 16, 1, 7, 7)
     inner = m.in_proj(x).permute(0, 3, 1, 2)
@@ -41,7 +34,7 @@ def test_dynamic_dwconv_equals_per_sample_convolutions() -> None:
 
 
 def test_inhomogeneous_dwconv_equals_unfold_reference() -> None:
-    m = _randomised(create_mixer("idyn_dwconv", 16, num_heads=4, kernel_size=5))
+    m = randomised(create_mixer("idyn_dwconv", 16, num_heads=4, kernel_size=5))
     x = torch.randn(2, 6, 9, 16, dtype=torch.float64)
     inner = m.in_proj(x)
     weight = m.kernels(inner)  # B H W G 25
@@ -62,7 +55,7 @@ def test_inhomogeneous_dwconv_equals_unfold_reference() -> None:
 def _twins_pair(block_index: int, sr: int = 2) -> tuple[torch.nn.Module, torch.nn.Module]:
     from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
 
-    ours = _randomised(create_mixer("twins", 32, num_heads=4, block_index=block_index, sr_ratio=sr)).float()
+    ours = randomised(create_mixer("twins", 32, num_heads=4, block_index=block_index, sr_ratio=sr)).float()
     if block_index % 2 == 0:
         theirs = LocallyGroupedAttn(32, num_heads=4, ws=7)
         with torch.no_grad():
@@ -103,7 +96,7 @@ def naive_lsa(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("size", [(7, 7), (7, 10), (10, 7), (10, 12), (5, 3), (15, 8)])
 def test_twins_lsa_mask_for_every_padding(size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
     # no padding, right only, bottom only, both, a map smaller than a window, two windows down
-    m = _randomised(create_mixer("twins", 8, num_heads=2, block_index=0))
+    m = randomised(create_mixer("twins", 8, num_heads=2, block_index=0))
     x = torch.randn(1, *size, 8, dtype=torch.float64)
     expected = naive_lsa(m, x)
     assert torch.allclose(m(x), expected, atol=1e-10)
@@ -161,19 +154,19 @@ def naive_sta(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("n_iter", [1, 2])
 def test_stvit_matches_cell_by_cell_reference(n_iter: int) -> None:
-    m = _randomised(create_mixer("stvit", 8, num_heads=2, cell_size=(2, 3), n_iter=n_iter))
+    m = randomised(create_mixer("stvit", 8, num_heads=2, cell_size=(2, 3), n_iter=n_iter))
     x = torch.randn(1, 6, 9, 8, dtype=torch.float64)
     assert torch.allclose(m(x), naive_sta(m, x), atol=1e-10)
 
 
 def test_stvit_cell_one_is_global_attention() -> None:
-    m = _randomised(create_mixer("stvit", 8, num_heads=2, cell_size=1))
+    m = randomised(create_mixer("stvit", 8, num_heads=2, cell_size=1))
     x = torch.randn(2, 5, 7, 8, dtype=torch.float64)
     assert torch.allclose(m(x), m.attention(x.reshape(2, 35, 8)).view_as(x), atol=1e-12)
 
 
 def test_stvit_padding_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = _randomised(create_mixer("stvit", 8, num_heads=2, cell_size=4))
+    m = randomised(create_mixer("stvit", 8, num_heads=2, cell_size=4))
     x = torch.randn(2, 9, 10, 8, dtype=torch.float64)
     expected = m(x)
     real_pad = F.pad
