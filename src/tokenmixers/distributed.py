@@ -64,10 +64,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all processes (identity when not distributed)."""
+    """Sum a tensor over all processes (identity when not distributed); the result stays on its device."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
+        # NCCL reduces only CUDA tensors, gloo any: counters kept on the CPU travel through the GPU
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+        reduced = tensor.to(on, copy=True)
+        dist.all_reduce(reduced)
+        tensor = reduced.to(tensor.device)
     return tensor
 
 

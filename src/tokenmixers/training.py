@@ -126,7 +126,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     """Top-1/top-5 accuracy (%) and loss over a loader; sums over all processes when distributed."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
     for images, labels, _ in loader:
         if images.numel() == 0:
             continue
@@ -136,13 +136,12 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
-        totals += torch.tensor(
-            [hits[:, 0].sum().item(), hits.any(1).sum().item(),
-             nn.functional.cross_entropy(logits, labels, reduction="sum").item(), labels.numel()],
-            dtype=torch.float64,
-        )
+        totals += torch.stack([  # summed on the device: no host sync per batch
+            hits[:, 0].sum(), hits.any(1).sum(), nn.functional.cross_entropy(logits, labels, reduction="sum"),
+            torch.tensor(labels.numel(), device=logits.device),
+        ]).double()
     model.train(was_training)
-    totals = all_reduce_sum(totals.to(device if device.type == "cuda" else "cpu")).cpu()
+    totals = all_reduce_sum(totals).cpu()
     n = max(totals[3].item(), 1.0)
     return {"top1": 100 * totals[0].item() / n, "top5": 100 * totals[1].item() / n, "loss": totals[2].item() / n,
             "count": int(totals[3].item())}
@@ -392,7 +391,8 @@ def train(
         model.train()
         sampler.set_epoch(epoch, start=batch_in_epoch * cfg["batch_size"])
         train_set.epoch = epoch
-        loss_sum, seen, skipped, t0 = 0.0, 0, 0, time.time()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)  # on the device: no sync per step
+        seen, skipped, t0 = 0, 0, time.time()
         bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not info.primary,
                    leave=False, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         for images, labels, n_skipped in train_loader:
@@ -419,7 +419,7 @@ def train(
                 scaled = loss / cfg["accum_steps"]
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             batch_in_epoch += 1
-            loss_sum += loss.item() * images.shape[0]
+            loss_sum += loss.detach().double() * images.shape[0]
             seen += images.shape[0]
             if sync:
                 if scaler is not None:
@@ -444,7 +444,7 @@ def train(
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}")
         bar.close()
         epoch_time = time.time() - t0
-        totals = all_reduce_sum(torch.tensor([loss_sum, seen, skipped], dtype=torch.float64))
+        totals = all_reduce_sum(torch.tensor([loss_sum.item(), seen, skipped], dtype=torch.float64))
         skipped_total += int(totals[2])
         row: dict[str, Any] = {
             "epoch": epoch, "step": step, "train_loss": totals[0].item() / max(totals[1].item(), 1),
