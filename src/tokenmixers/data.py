@@ -1,10 +1,14 @@
 """Datasets for training and evaluation, checked before training starts.
 
-Three sources, chosen by the ``data`` setting:
+Four sources, chosen by the ``data`` setting:
 
+* ``"fashion"``: the built-in Fashion-MNIST subset (Zalando Research, MIT licence; shipped in
+  ``tokenmixers/datasets``, no download): 28x28 greyscale product photos of 10 classes, padded with
+  black to 32x32 RGB images. ``train`` is 1,000 images per class of Fashion-MNIST's training split,
+  ``val`` its whole test split (10,000 images).
 * ``"digits"``: scikit-learn's 1,797 handwritten digits (8x8, shipped with scikit-learn, no
   download), upsampled to RGB images; a fixed split puts every fifth image of each class in
-  ``val`` (1,437 train / 360 val).
+  ``val`` (1,433 train / 364 val).
 * a folder with list files, the official layout: ``root/meta/{train,val}.txt`` with lines
   ``relative/path label`` and images under ``root/{train,val}/``.
 * a folder with class folders (ImageNet layout): ``root/{train,val}/<class>/*.JPEG``.
@@ -28,6 +32,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+FASHION_FILE = Path(__file__).parent / "datasets" / "fashion_mnist.npz"
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -111,6 +118,26 @@ def digits_samples(split: str, image_size: int = 32) -> tuple[list[Sample], list
     return samples, [str(i) for i in range(10)]
 
 
+def fashion_samples(split: str, image_size: int = 32) -> tuple[list[Sample], list[str]]:
+    """The built-in Fashion-MNIST subset as RGB images, padded from 28x28 to 32x32 (then resized to
+    ``image_size`` if that differs)."""
+    if not FASHION_FILE.is_file():
+        raise DataError(f"the built-in Fashion-MNIST subset {FASHION_FILE} is missing; reinstall tokenmixers or "
+                        "rebuild it with scripts/build_fashion_subset.py")
+    with np.load(FASHION_FILE) as arrays:
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    samples = []
+    for pixels, label in zip(images, labels):
+        gray = Image.fromarray(np.pad(pixels, 2))
+        if image_size != 32:
+            gray = gray.resize((image_size, image_size), Image.BICUBIC)
+        samples.append(Sample(gray.convert("RGB"), int(label)))
+    return samples, list(FASHION_CLASSES)
+
+
+BUILTIN_DATA = {"fashion": fashion_samples, "digits": digits_samples}
+
+
 def list_file_samples(root: Path, split: str) -> tuple[list[Sample], list[str]]:
     """The official layout: ``root/meta/<split>.txt`` lines ``relative/path label``."""
     list_file = root / "meta" / f"{split}.txt"
@@ -148,11 +175,12 @@ def folder_samples(root: Path, split: str) -> tuple[list[Sample], list[str]]:
 
 def build_dataset(data: str, split: str, transform: Optional[Callable] = None, image_size: int = 32) -> ImageDataset:
     """The ``split`` of a data source (see module docstring), checked for problems."""
-    if data == "digits":
-        samples, classes = digits_samples(split, image_size)
+    if data in BUILTIN_DATA:
+        samples, classes = BUILTIN_DATA[data](split, image_size)
     else:
         if data is None:
-            raise DataError("no data given: set data=<folder> (class folders or meta/*.txt list files) or data=digits")
+            raise DataError("no data given: set data=<folder> (class folders or meta/*.txt list files), data=fashion "
+                            "or data=digits")
         root = Path(data).expanduser()
         if not root.is_dir():
             raise DataError(f"data folder {root} does not exist")

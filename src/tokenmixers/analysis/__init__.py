@@ -11,14 +11,15 @@ from typing import Optional
 
 from torch import nn
 
-from ..data import IMAGE_EXTENSIONS, DataError, ImageDataset, Sample, build_dataset
+from ..data import BUILTIN_DATA, IMAGE_EXTENSIONS, DataError, ImageDataset, Sample, build_dataset
 
 
 def load_images(source: str, split: str = "val", limit: Optional[int] = None) -> ImageDataset:
-    """Images (PIL, no transform) from ``digits``, a dataset root (list files or class folders) or
-    any folder of image files (unlabelled, label -1); the first ``limit`` images if given."""
-    if source == "digits":
-        dataset = build_dataset("digits", split)
+    """Images (PIL, no transform) from a built-in set (``fashion``, ``digits``), a dataset root (list
+    files or class folders) or any folder of image files (unlabelled, label -1); the first ``limit``
+    images if given."""
+    if source in BUILTIN_DATA:
+        dataset = build_dataset(source, split)
     else:
         root = Path(source).expanduser()
         if not root.is_dir():
