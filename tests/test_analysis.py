@@ -226,7 +226,7 @@ def test_run_invariance_outputs(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tokenmixers.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "tokenmixers", *args], capture_output=True, text=True)
 
 
 def test_cli_errors_are_clear(tmp_path: Path) -> None:
@@ -264,7 +264,7 @@ def test_invariance_under_torchrun_counts_each_image_once(tmp_path: Path) -> Non
     assert single.returncode == 0, single.stderr
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
-         "-m", "tokenmixers.cli", *args, "--out", str(tmp_path / "two")],
+         "-m", "tokenmixers", *args, "--out", str(tmp_path / "two")],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert two.returncode == 0, two.stderr[-2000:]

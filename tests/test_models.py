@@ -105,12 +105,12 @@ def test_pvt_pos_embed_resized_to_grid() -> None:
 
 
 def test_table_vi_switches() -> None:
-    base = dict(mixer="dwconv", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
-    b = tokenmixers.UnifiedNet(**base, norm_after_pool=True)
+    base = tokenmixers.ModelCfg("dwconv", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+    b = tokenmixers.UnifiedNet(base, norm_after_pool=True)
     assert isinstance(b.head.norm, torch.nn.LayerNorm)
-    c = tokenmixers.UnifiedNet(**base, norm_after_pool=True, stage_norms=False)
+    c = tokenmixers.UnifiedNet(base.replace(norm_after_pool=True, stage_norms=False))
     assert all(isinstance(s.norm, torch.nn.Identity) for s in c.stages)
-    d = tokenmixers.UnifiedNet(**base, block_style="convnext", mixer_args={"projections": False})
+    d = tokenmixers.UnifiedNet(base, block_style="convnext", mixer_args={"projections": False})
     block = d.stages[0].blocks[0]
     assert isinstance(block.norm1, torch.nn.Identity) and isinstance(block.ls1, torch.nn.Identity)
     x = torch.randn(1, 3, 64, 64)
@@ -137,10 +137,12 @@ def test_bad_config_is_clear() -> None:
     with pytest.raises(ValueError, match="unknown option.*'window'.*accepted options: window_size, shift_size"):
         timm.create_model("unified_swin_micro", mixer_args={"window": 5})
     with pytest.raises(KeyError, match="unknown mixer .attention.; registered mixers: .*dwconv.*halo.*swin"):
-        tokenmixers.UnifiedNet("attention", (1,), (32,))
+        tokenmixers.UnifiedNet(tokenmixers.ModelCfg("attention", (1,), (32,)))
     with pytest.raises(ValueError, match="unknown block_style 'metaformer'; accepted: transformer, convnext"):
         timm.create_model("unified_halo_micro", block_style="metaformer")
     with pytest.raises(ValueError, match="depths has 4 stages but dims has 3"):
-        tokenmixers.UnifiedNet("halo", (1, 1, 1, 1), (32, 64, 128))
+        tokenmixers.ModelCfg("halo", (1, 1, 1, 1), (32, 64, 128))
     with pytest.raises(ValueError, match="divisible by num_heads"):
-        tokenmixers.UnifiedNet("halo", (1,), (30,), heads=(4,))
+        tokenmixers.UnifiedNet(tokenmixers.ModelCfg("halo", (1,), (30,), heads=(4,)))
+    with pytest.raises(ValueError, match="unknown model argument.*'depth'.*architecture arguments: mixer, depths"):
+        timm.create_model("unified_halo_micro", depth=(1, 1, 1, 1))

@@ -111,7 +111,7 @@ def test_twins_alternates_and_has_position_encoding() -> None:
     assert [b.mixer.local for b in blocks[:4]] == [True, False, True, False]
     assert not hasattr(blocks[0].mixer, "sr") and blocks[1].mixer.sr.stride == (2, 2)
     assert [type(b.pos).__name__ for b in blocks[:3]] == ["Identity", "ConvPosEmbed", "Identity"]  # after block 0
-    assert all(d % 2 == 0 for d in tokenmixers.model_args("unified_twins_micro")["depths"])
+    assert all(d % 2 == 0 for d in tokenmixers.model_cfg("unified_twins_micro").depths)
 
 
 # -- STViT ----------------------------------------------------------------------------------------------

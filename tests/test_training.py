@@ -28,7 +28,7 @@ QUICK = {
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tokenmixers.cli", *args]
+    return [sys.executable, "-m", "tokenmixers", *args]
 
 
 def _overrides(**kwargs) -> list[str]:
@@ -237,7 +237,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "tokenmixers.cli", "train", "--recipe", "digits", f"output={tmp_path / 'two'}", *common, "batch_size=16"],
+         "-m", "tokenmixers", "train", "--recipe", "digits", f"output={tmp_path / 'two'}", *common, "batch_size=16"],
         capture_output=True, text=True, env=env,
     )
     assert two.returncode == 0, two.stderr[-3000:]

@@ -1,12 +1,14 @@
 """The model zoo: registration, exact parameter counts, the timm surface and clear errors."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import timm
 import torch
 
 import tokenmixers
-from tokenmixers.zoo import MODEL_ARGS
+from tokenmixers.zoo import MODEL_CFGS
 
 from .conftest import PAPER_MODELS
 
@@ -71,15 +73,19 @@ def test_unknown_model_name_is_clear() -> None:
     with pytest.raises(KeyError, match="unknown model 'unified_halo_tinyy'.*unified_halo_tiny"):
         tokenmixers.create_model("unified_halo_tinyy")
     with pytest.raises(KeyError, match="unknown model"):
-        tokenmixers.model_args("nope")
+        tokenmixers.model_cfg("nope")
 
 
 def test_zoo_is_data() -> None:
-    # every model is one config row: a mixer name plus constructor arguments
+    # every model is one typed, frozen config: a mixer name plus architecture arguments
     for name in PAPER_MODELS:
-        args = MODEL_ARGS[name]
-        assert args["mixer"] in tokenmixers.list_mixers()
-        assert len(args["depths"]) == len(args["dims"]) == 4
+        cfg = MODEL_CFGS[name]
+        assert cfg.mixer in tokenmixers.list_mixers()
+        assert len(cfg.depths) == len(cfg.dims) == 4
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cfg.depths = (1, 1, 1, 1)
+    built = timm.create_model("unified_pvt_micro", drop_path_rate=0.05)
+    assert built.cfg == MODEL_CFGS["unified_pvt_micro"].replace(drop_path_rate=0.05)
 
 
 def test_register_family_for_a_new_mixer() -> None:

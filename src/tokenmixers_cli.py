@@ -1,9 +1,16 @@
-"""The ``tokenmixers`` command line: a thin layer over the library."""
+"""The ``tokenmixers`` command line: a thin layer over the library.
+
+This module lives outside the ``tokenmixers`` package on purpose: importing the package registers
+the models in timm, which loads torch, timm and torchvision (several seconds). Parsing, ``--help``
+and ``list`` need none of that; each command imports what it uses when it runs.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 
@@ -20,22 +27,47 @@ def _size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _zoo_configs() -> ModuleType:
+    """``tokenmixers.configs`` (the built-in zoo as data), read without importing the package."""
+    spec = importlib.util.find_spec("tokenmixers")
+    path = Path(spec.submodule_search_locations[0]) / "configs.py"
+    module_spec = importlib.util.spec_from_file_location("_tokenmixers_configs", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # dataclasses look their module up while the class is built
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def cmd_list(args: argparse.Namespace) -> None:
-    """Print the registered models (with their family, mixer and size) or the mixers."""
-    import tokenmixers
-    from tokenmixers.bench import count_params
-    from tokenmixers.zoo import MODEL_FAMILY, model_args
+    """Print the registered models (family, mixer, depths, widths; ``--params``: parameters) or the mixers."""
+    import fnmatch
 
     if args.mixers:
-        for name in tokenmixers.list_mixers():
-            print(name)
-        return
-    import torch
+        import tokenmixers
 
-    for name in tokenmixers.list_models(args.pattern):
-        with torch.device("meta"):
-            params = count_params(tokenmixers.create_model(name))
-        print(f"{name:36s} family={MODEL_FAMILY[name]:12s} mixer={model_args(name)['mixer']:12s} params={params / 1e6:7.2f}M")
+        print("\n".join(tokenmixers.list_mixers()))
+        return
+    if args.imports or args.params:  # plug-ins registered models, or sizes are wanted: ask the live registry
+        from tokenmixers import zoo
+
+        models = {n: (zoo.MODEL_FAMILY[n], zoo.MODEL_CFGS[n]) for n in zoo.list_models()}
+    else:
+        models = _zoo_configs().builtin_models()
+    names = [n for n in models if fnmatch.fnmatch(n, args.pattern)]
+    if not names:
+        raise KeyError(f"no registered model matches {args.pattern!r}; try `tokenmixers list` to see them all")
+    for name in names:
+        family, cfg = models[name]
+        line = f"{name:36s} family={family:12s} mixer={cfg.mixer:12s} depths={cfg.depths} dims={cfg.dims}"
+        if args.params:
+            import torch
+
+            from tokenmixers.bench import count_params
+            from tokenmixers.zoo import create_model
+
+            with torch.device("meta"):
+                line += f" params={count_params(create_model(name)) / 1e6:.2f}M"
+        print(line)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -161,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered models (or mixers)")
     p.add_argument("pattern", nargs="?", default="*", help="glob over model names, e.g. 'unified_*_tiny'")
     p.add_argument("--mixers", action="store_true", help="list the registered mixers instead")
+    p.add_argument("--params", action="store_true", help="also count each model's parameters (builds them)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("bench", help="params, MACs, throughput, latency and memory of models")
