@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -235,11 +235,18 @@ def _check_fits(path: Path, name: str, module: torch.nn.Module, saved: Mapping[s
                        "model or setup: resume with the settings it was trained with, or start a new run")
 
 
-def restore_state(path: os.PathLike, parts: Mapping[str, Any]) -> dict[str, Any]:
-    """Load what :func:`save_state` wrote into ``parts`` (absent entries are skipped); return the values."""
-    path = Path(path)
-    state = safe_torch_load(path)
-    if not isinstance(state, dict):
+def restore_state(source: Union[os.PathLike, Mapping[str, Any]], parts: Mapping[str, Any],
+                  where: Optional[os.PathLike] = None) -> dict[str, Any]:
+    """Load what :func:`save_state` wrote (a file, or its already loaded contents) into ``parts``; return the values.
+
+    Absent parts (None) and entries saved as None are skipped; ``where`` names the file in errors.
+    """
+    if isinstance(source, Mapping):
+        state, path = source, Path(where or "the checkpoint")
+    else:
+        path = Path(source)
+        state = safe_torch_load(path)
+    if not isinstance(state, Mapping):
         raise RunError(f"{path} is not a training checkpoint (it holds a {type(state).__name__})")
     for name, part in parts.items():
         saved = state.get(name)
