@@ -132,10 +132,13 @@ def _take_lock(path: Path) -> tuple[Path, Optional[str]]:
 
 
 def run_status(path: Path) -> Optional[str]:
-    """``"finished"`` (a summary exists), ``"started"`` (checkpoints, config or metrics) or None."""
+    """``"finished"`` (a summary exists), ``"started"`` (checkpoints or metrics: work that would be lost) or None.
+
+    A run that stopped before its first checkpoint left only its config and log: starting again there is fine.
+    """
     if (path / "summary.json").is_file():
         return "finished"
-    started = [n for n in ("last.pth", "config.yaml", "metrics.csv") if (path / n).is_file()]
+    started = [n for n in ("last.pth", "metrics.csv") if (path / n).is_file()]
     return "started" if started or any(path.glob(RUN_GLOBS[0])) else None
 
 
