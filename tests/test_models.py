@@ -9,10 +9,12 @@ import torch
 
 import tokenmixers
 
-from .conftest import MICRO_MODELS, PAPER_MODELS
+from .conftest import MICRO_MODELS
 
 
-@pytest.mark.parametrize("name", PAPER_MODELS)
+# the four scales of a family run the same code: shapes and sizes are checked at micro scale (the parity
+# tests in test_checkpoint.py cover every scale)
+@pytest.mark.parametrize("name", MICRO_MODELS)
 def test_forward_backward_small(name: str) -> None:
     model = timm.create_model(name, num_classes=10)
     x = torch.randn(2, 3, 64, 48)
@@ -22,7 +24,7 @@ def test_forward_backward_small(name: str) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", PAPER_MODELS)
+@pytest.mark.parametrize("name", MICRO_MODELS)
 def test_any_input_size(name: str) -> None:
     model = timm.create_model(name).eval()
     for size in [(32, 32), (65, 97), (224, 224), (256, 320)]:
@@ -34,7 +36,7 @@ def test_any_input_size(name: str) -> None:
             assert torch.isfinite(f).all()
 
 
-@pytest.mark.parametrize("name", PAPER_MODELS)
+@pytest.mark.parametrize("name", MICRO_MODELS)
 def test_features_only(name: str) -> None:
     model = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3)).eval()
     assert model.feature_info.reduction() == [4, 8, 16, 32]
@@ -71,11 +73,22 @@ def test_timm_model_surface(name: str) -> None:
     assert groups["stem"] == r"^stem"
 
 
-def test_grad_checkpointing_trains() -> None:
-    model = timm.create_model("unified_halo_micro", num_classes=3)
-    model.set_grad_checkpointing()
-    model(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+@pytest.mark.parametrize("name", MICRO_MODELS)
+def test_grad_checkpointing_gives_the_same_gradients(name: str) -> None:
+    # training mode (batch statistics, recomputed forward): the loss and every gradient are those without it
+    model = timm.create_model(name, num_classes=3).double().train()
+    x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        loss = model(x).logsumexp(-1).sum()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, a), (loss_b, b) = grads
+    assert torch.equal(loss_a, loss_b)
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=1e-12, atol=1e-15), n
 
 
 def test_no_weight_decay_names() -> None:
@@ -105,12 +118,12 @@ def test_pvt_pos_embed_resized_to_grid() -> None:
 
 
 def test_table_vi_switches() -> None:
-    base = dict(mixer="dwconv", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
-    b = tokenmixers.UnifiedNet(**base, norm_after_pool=True)
+    base = tokenmixers.ModelCfg("dwconv", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+    b = tokenmixers.UnifiedNet(base, norm_after_pool=True)
     assert isinstance(b.head.norm, torch.nn.LayerNorm)
-    c = tokenmixers.UnifiedNet(**base, norm_after_pool=True, stage_norms=False)
+    c = tokenmixers.UnifiedNet(base.replace(norm_after_pool=True, stage_norms=False))
     assert all(isinstance(s.norm, torch.nn.Identity) for s in c.stages)
-    d = tokenmixers.UnifiedNet(**base, block_style="convnext", mixer_args={"projections": False})
+    d = tokenmixers.UnifiedNet(base, block_style="convnext", mixer_args={"projections": False})
     block = d.stages[0].blocks[0]
     assert isinstance(block.norm1, torch.nn.Identity) and isinstance(block.ls1, torch.nn.Identity)
     x = torch.randn(1, 3, 64, 64)
@@ -133,14 +146,36 @@ def test_bad_input_is_clear(shape: tuple[int, ...], message: str) -> None:
         model(torch.randn(*shape))
 
 
+@pytest.mark.parametrize("dtype, message", [
+    (torch.float64, r"input is torch.float64 but the model's weights are torch.float32: convert the input"),
+    (torch.uint8, r"input is torch.uint8, the model needs floating-point images"),
+])
+def test_wrong_input_dtype_is_clear(dtype: torch.dtype, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("unified_convnext_micro").eval()(torch.zeros(1, 3, 32, 32, dtype=dtype))
+
+
+@pytest.mark.parametrize("name", ["unified_convnext_micro", "unified_idyn_dwconv_micro"])
+def test_single_sample_training_fails_clearly(name: str) -> None:
+    # at 32 px the last stage is 1x1: one sample gives the head's (and idyn_dwconv's) BatchNorm one value per channel
+    model = timm.create_model(name, num_classes=3)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="uses BatchNorm over the batch, so training needs more than one value per "
+                                         "channel: use at least 2 samples per process"):
+        model(x)
+    assert model.eval()(x).shape == (1, 3)
+
+
 def test_bad_config_is_clear() -> None:
     with pytest.raises(ValueError, match="unknown option.*'window'.*accepted options: window_size, shift_size"):
         timm.create_model("unified_swin_micro", mixer_args={"window": 5})
     with pytest.raises(KeyError, match="unknown mixer .attention.; registered mixers: .*dwconv.*halo.*swin"):
-        tokenmixers.UnifiedNet("attention", (1,), (32,))
+        tokenmixers.UnifiedNet(tokenmixers.ModelCfg("attention", (1,), (32,)))
     with pytest.raises(ValueError, match="unknown block_style 'metaformer'; accepted: transformer, convnext"):
         timm.create_model("unified_halo_micro", block_style="metaformer")
     with pytest.raises(ValueError, match="depths has 4 stages but dims has 3"):
-        tokenmixers.UnifiedNet("halo", (1, 1, 1, 1), (32, 64, 128))
+        tokenmixers.ModelCfg("halo", (1, 1, 1, 1), (32, 64, 128))
     with pytest.raises(ValueError, match="divisible by num_heads"):
-        tokenmixers.UnifiedNet("halo", (1,), (30,), heads=(4,))
+        tokenmixers.UnifiedNet(tokenmixers.ModelCfg("halo", (1,), (30,), heads=(4,)))
+    with pytest.raises(ValueError, match="unknown model argument.*'depth'.*architecture arguments: mixer, depths"):
+        timm.create_model("unified_halo_micro", depth=(1, 1, 1, 1))

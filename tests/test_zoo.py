@@ -1,14 +1,16 @@
 """The model zoo: registration, exact parameter counts, the timm surface and clear errors."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import timm
 import torch
 
 import tokenmixers
-from tokenmixers.zoo import MODEL_ARGS
+from tokenmixers.zoo import MODEL_CFGS
 
-from .conftest import PAPER_MODELS
+from .conftest import PAPER_MODELS, ROOT
 
 # numel of model.parameters() of the official STM-Evaluation models
 OFFICIAL_PARAMS = {
@@ -71,15 +73,19 @@ def test_unknown_model_name_is_clear() -> None:
     with pytest.raises(KeyError, match="unknown model 'unified_halo_tinyy'.*unified_halo_tiny"):
         tokenmixers.create_model("unified_halo_tinyy")
     with pytest.raises(KeyError, match="unknown model"):
-        tokenmixers.model_args("nope")
+        tokenmixers.model_cfg("nope")
 
 
 def test_zoo_is_data() -> None:
-    # every model is one config row: a mixer name plus constructor arguments
+    # every model is one typed, frozen config: a mixer name plus architecture arguments
     for name in PAPER_MODELS:
-        args = MODEL_ARGS[name]
-        assert args["mixer"] in tokenmixers.list_mixers()
-        assert len(args["depths"]) == len(args["dims"]) == 4
+        cfg = MODEL_CFGS[name]
+        assert cfg.mixer in tokenmixers.list_mixers()
+        assert len(cfg.depths) == len(cfg.dims) == 4
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cfg.depths = (1, 1, 1, 1)
+    built = timm.create_model("unified_pvt_micro", drop_path_rate=0.05)
+    assert built.cfg == MODEL_CFGS["unified_pvt_micro"].replace(drop_path_rate=0.05)
 
 
 def test_register_family_for_a_new_mixer() -> None:
@@ -89,3 +95,28 @@ def test_register_family_for_a_new_mixer() -> None:
         assert timm.is_model(f"unified_test_dw5_{scale}")
     model = timm.create_model("unified_test_dw5_micro")
     assert model.stages[0].blocks[0].mixer.dwconv.kernel_size == (5, 5)
+
+
+def _readme_rows() -> dict[str, list[str]]:
+    """The model zoo table of the README: name -> cells."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0].startswith("unified_") and len(cells) >= 4:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_readme_table_matches_counted_params_and_macs() -> None:
+    # micro models (the other scales count with the same code): params, MACs and the paper's convention
+    from tokenmixers.bench import count_macs
+
+    rows = {n: c for n, c in _readme_rows().items() if n.endswith("_micro")}
+    assert {f"unified_{f}_micro" for f in ("halo", "pvt", "swin", "convnext", "dcn_v3")} <= set(rows)
+    for name, cells in rows.items():
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        macs = count_macs(model)
+        counted = [f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}", f"{macs['macs'] / 1e9:.2f}",
+                   f"{macs['macs_paper'] / 1e9:.2f}"]
+        assert counted == cells[1:4], name

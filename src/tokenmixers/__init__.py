@@ -4,14 +4,18 @@
 >>> model = timm.create_model("unified_halo_tiny")          # or tokenmixers.create_model(...)
 """
 from .backbone import UnifiedNet
-from .checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_pretrained
+from .checkpoint import CheckpointError, load_checkpoint
+from .configs import SCALES, Family, ModelCfg
+from .hub import load_pretrained, save_pretrained
 from .mixers import TokenMixer, create_mixer, get_mixer, list_mixers, register_mixer
-from .zoo import FAMILIES, SCALES, create_model, list_models, model_args, register_family, register_variant
+from .zoo import FAMILIES, create_model, list_models, model_cfg, register_family, register_model_cfg, register_variant
 
 __version__ = "0.1.0"
 
 __all__ = [
     "UnifiedNet",
+    "ModelCfg",
+    "Family",
     "CheckpointError",
     "load_checkpoint",
     "load_pretrained",
@@ -25,8 +29,9 @@ __all__ = [
     "SCALES",
     "create_model",
     "list_models",
-    "model_args",
+    "model_cfg",
     "register_family",
+    "register_model_cfg",
     "register_variant",
     "__version__",
 ]

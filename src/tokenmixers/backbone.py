@@ -13,9 +13,10 @@ Tokens stay channels-last ``(B, H, W, C)`` from the stem to the head, so norms a
 never permute; see :mod:`tokenmixers.mixers` for the mixer contract. Public feature maps
 (``forward_features``, ``forward_intermediates``) are NCHW views of that memory.
 
-Ablation switches of the paper's Table VI: ``norm_after_pool`` (B: LayerNorm after pooling),
-``stage_norms=False`` (C: no stage norms) and ``block_style="convnext"`` (D: ConvNeXt block,
-``x = x + drop_path(gamma * mlp(LN(mixer(x))))``).
+The architecture is a :class:`tokenmixers.ModelCfg` (depths, widths, heads, mixer and its options,
+...); ``UnifiedNet(cfg)`` builds it. Ablation switches of the paper's Table VI are fields too:
+``norm_after_pool`` (B: LayerNorm after pooling), ``stage_norms=False`` (C: no stage norms) and
+``block_style="convnext"`` (D: ConvNeXt block, ``x = x + drop_path(gamma * mlp(LN(mixer(x))))``).
 """
 from __future__ import annotations
 
@@ -25,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models import checkpoint_seq
-from timm.models._features import feature_take_indices
 from torch import nn
 
+from .checkpoint import load_checkpoint
+from .configs import ModelCfg
+from .layers import check_batch_statistics
 from .mixers import TokenMixer, create_mixer
 
 MIN_INPUT_SIZE = 32
-BLOCK_STYLES = ("transformer", "convnext")
-POS_EMBEDS = (None, "absolute", "conv")
 GLOBAL_POOLS = ("avg", "")
 
 
@@ -176,6 +177,8 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``(B, H, W, C)`` tokens -> logits ``(B, classes)`` (or pooled / unpooled features)."""
+        if isinstance(self.bn, nn.BatchNorm2d):
+            check_batch_statistics(self.training, x.shape[0] * x.shape[1] * x.shape[2], "the head")
         x = self.act(self.bn(self.proj(x).permute(0, 3, 1, 2)))  # NCHW view
         if self.global_pool == "avg":
             x = self.norm(x.mean((2, 3)))
@@ -183,13 +186,9 @@ class Head(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-def _per_stage(value: Union[Any, Sequence[Any]], n: int, name: str) -> list[Any]:
-    """Broadcast a scalar option to ``n`` stages or check a per-stage sequence has length ``n``."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries but the model has {n} stages")
-        return list(value)
-    return [value] * n
+def _per_stage(value: Union[Any, Sequence[Any]], n: int) -> list[Any]:
+    """Broadcast a scalar option to ``n`` stages (a per-stage tuple is checked by ``ModelCfg``)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
 def _pos_embed(kind: Optional[str], dim: int, grid: tuple[int, int]) -> Optional[nn.Module]:
@@ -209,118 +208,88 @@ def _check_pool(global_pool: str, num_classes: int) -> None:
         raise ValueError("global_pool='' returns unpooled feature maps and needs num_classes=0")
 
 
+def stage_indices(num_stages: int, indices: Optional[Union[int, Sequence[int]]]) -> tuple[list[int], int]:
+    """Stage indices to return (timm's convention: an int n means the last n) and the largest one."""
+    if indices is None:
+        indices = num_stages
+    taken = list(range(num_stages - indices, num_stages)) if isinstance(indices, int) else [
+        i + num_stages if i < 0 else i for i in indices
+    ]
+    if not taken or not all(0 <= i < num_stages for i in taken):
+        raise ValueError(f"stage indices {indices!r} out of range for a model with {num_stages} stages")
+    return taken, max(taken)
+
+
 class UnifiedNet(nn.Module):
     """The unified four-stage backbone with a pluggable spatial token mixer.
 
     Args:
-        mixer: registered mixer name (see ``tokenmixers.list_mixers()``).
-        depths: blocks per stage.
-        dims: channels per stage.
-        heads: attention heads (DCNv3: groups) per stage; default ``dim // 32``.
-        mixer_args: options passed to every mixer.
-        stage_mixer_args: per-stage options, one dict per stage (e.g. PVT ``sr_ratio``).
-        mlp_ratios: MLP hidden ratio, one value or one per stage.
-        norm_eps: eps of the block LayerNorms.
-        pos_embed: ``"absolute"``: a learned position embedding (PVT), sized for ``img_size`` and
-            resized to other inputs; ``"conv"``: a conditional position encoding, ``x + dwconv3x3(x)``
-            (Twins, STViT). Applied before the block(s) given by ``pos_embed_blocks``.
-        pos_embed_blocks: index of the block (in each stage) that gets the position encoding, or
-            ``"all"`` (PVT: 0; Twins: 1, i.e. after the first block; STViT: all).
-        layer_scale_init: initial layer-scale value (``0``/``None`` disables layer scale).
-        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
-        head_hidden_ratio: width of the head's 1x1 projection relative to the last stage
-            (``0`` removes the projection, BatchNorm and GELU).
-        norm_after_pool: LayerNorm after global pooling (Table VI, B).
-        stage_norms: LayerNorm after each stage (``False``: Table VI, C).
-        block_style: ``"transformer"`` or ``"convnext"`` (Table VI, D).
-        img_size: the size the absolute position embeddings are built for.
+        cfg: the architecture (:class:`tokenmixers.ModelCfg`; every field is documented there).
         in_chans, num_classes, global_pool, drop_rate: as in timm.
+        img_size: the size the absolute position embeddings are built for (resized to other inputs).
+        **overrides: ``ModelCfg`` fields to change, e.g. ``drop_path_rate=0.1`` or
+            ``norm_after_pool=True`` (what ``timm.create_model(name, **kwargs)`` passes through).
     """
 
     def __init__(
         self,
-        mixer: str,
-        depths: Sequence[int],
-        dims: Sequence[int],
-        heads: Optional[Sequence[int]] = None,
+        cfg: ModelCfg,
         *,
-        mixer_args: Optional[dict[str, Any]] = None,
-        stage_mixer_args: Optional[Sequence[dict[str, Any]]] = None,
-        mlp_ratios: Union[float, Sequence[float]] = 4.0,
-        norm_eps: float = 1e-5,
-        pos_embed: Optional[str] = None,
-        pos_embed_blocks: Union[int, str] = 0,
-        layer_scale_init: Optional[float] = 1e-6,
-        drop_path_rate: float = 0.0,
-        head_hidden_ratio: float = 1.5,
-        norm_after_pool: bool = False,
-        stage_norms: bool = True,
-        block_style: str = "transformer",
-        img_size: Union[int, Sequence[int]] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
+        img_size: Union[int, Sequence[int]] = 224,
+        **overrides: Any,
     ) -> None:
-        self_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.model_args = self_args  # constructor arguments, saved with the weights
-        n = len(depths)
-        if len(dims) != n:
-            raise ValueError(f"depths has {n} stages but dims has {len(dims)}")
-        heads = [max(d // 32, 1) for d in dims] if heads is None else _per_stage(heads, n, "heads")
-        stage_mixer_args = [{} for _ in range(n)] if stage_mixer_args is None else _per_stage(
-            list(stage_mixer_args), n, "stage_mixer_args"
-        )
-        mlp_ratios = _per_stage(mlp_ratios, n, "mlp_ratios")
-        if block_style not in BLOCK_STYLES:
-            raise ValueError(f"unknown block_style {block_style!r}; accepted: {', '.join(BLOCK_STYLES)}")
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"unknown pos_embed {pos_embed!r}; accepted: {', '.join(map(repr, POS_EMBEDS))}")
-        if not (pos_embed_blocks == "all" or isinstance(pos_embed_blocks, int)):
-            raise ValueError(f"pos_embed_blocks must be a block index or 'all', got {pos_embed_blocks!r}")
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        self.cfg = cfg  # the resolved architecture, saved with the weights
         _check_pool(global_pool, num_classes)
+        n = len(cfg.depths)
+        heads = [max(d // 32, 1) for d in cfg.dims] if cfg.heads is None else list(cfg.heads)
+        stage_mixer_args = _per_stage(cfg.stage_mixer_args or {}, n)
+        mlp_ratios = _per_stage(cfg.mlp_ratios, n)
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
-        self.mixer = mixer
+        self.mixer = cfg.mixer
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.num_features = dims[-1]
+        self.num_features = cfg.dims[-1]
 
-        self.stem = Stem(in_chans, dims[0])
-        dp_rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.stem = Stem(in_chans, cfg.dims[0])
+        dp_rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
         stages, self.feature_info, cursor = [], [], 0
-        for i, (depth, dim) in enumerate(zip(depths, dims)):
+        for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
             grid = (img_size[0] // 2 ** (i + 2), img_size[1] // 2 ** (i + 2))
-            blocks = []
-            for j in range(depth):
-                mixer_kwargs = {**(mixer_args or {}), **stage_mixer_args[i]}
-                blocks.append(
-                    Block(
-                        dim,
-                        create_mixer(mixer, dim, num_heads=heads[i], block_index=j, **mixer_kwargs),
-                        mlp_ratio=mlp_ratios[i],
-                        norm_eps=norm_eps,
-                        layer_scale_init=layer_scale_init,
-                        drop_path=dp_rates[cursor + j],
-                        pos=_pos_embed(pos_embed, dim, grid) if pos_embed_blocks in (j, "all") else None,
-                        convnext_style=block_style == "convnext",
-                    )
+            mixer_kwargs = {**cfg.mixer_args, **stage_mixer_args[i]}
+            blocks = [
+                Block(
+                    dim,
+                    create_mixer(cfg.mixer, dim, num_heads=heads[i], block_index=j, **mixer_kwargs),
+                    mlp_ratio=mlp_ratios[i],
+                    norm_eps=cfg.norm_eps,
+                    layer_scale_init=cfg.layer_scale_init,
+                    drop_path=dp_rates[cursor + j],
+                    pos=_pos_embed(cfg.pos_embed, dim, grid) if cfg.pos_embed_blocks in (j, "all") else None,
+                    convnext_style=cfg.block_style == "convnext",
                 )
+                for j in range(depth)
+            ]
             stages.append(
                 Stage(
-                    nn.Identity() if i == 0 else Downsample(dims[i - 1], dim),
+                    nn.Identity() if i == 0 else Downsample(cfg.dims[i - 1], dim),
                     blocks,
-                    nn.LayerNorm(dim, eps=1e-6) if stage_norms else nn.Identity(),
+                    nn.LayerNorm(dim, eps=1e-6) if cfg.stage_norms else nn.Identity(),
                 )
             )
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}"))
             cursor += depth
         self.stages = nn.Sequential(*stages)
 
-        hidden = int(dims[-1] * head_hidden_ratio)
-        self.head = Head(dims[-1], hidden, num_classes, global_pool, norm_after_pool, drop_rate)
+        hidden = int(cfg.dims[-1] * cfg.head_hidden_ratio)
+        self.head = Head(cfg.dims[-1], hidden, num_classes, global_pool, cfg.norm_after_pool, drop_rate)
         self.head_hidden_size = self.head.hidden_dim
         self.apply(self._init_weights)
 
@@ -387,8 +356,6 @@ class UnifiedNet(nn.Module):
     @torch.jit.ignore
     def load_pretrained(self, path: str) -> None:
         """Load weights from a checkpoint file (timm's ``pretrained_cfg_overlay=dict(file=...)`` path)."""
-        from .checkpoint import load_checkpoint
-
         load_checkpoint(self, path)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -406,6 +373,13 @@ class UnifiedNet(nn.Module):
                 f"input {x.shape[2]}x{x.shape[3]} is below the minimum size {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}; "
                 "resize or pad the images"
             )
+        weight = self.stem.conv1.weight
+        if not x.is_floating_point():
+            raise ValueError(f"input is {x.dtype}, the model needs floating-point images: convert and normalise them "
+                             "first (timm's transforms give float32, e.g. x.float() / 255 then normalise)")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"input is {x.dtype} but the model's weights are {weight.dtype}: convert the input "
+                             f"(x.to({weight.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
 
     def forward_intermediates(
         self,
@@ -429,7 +403,7 @@ class UnifiedNet(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        take_indices, max_index = stage_indices(len(self.stages), indices)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         intermediates = []
         x = self.stem(x)
@@ -445,7 +419,7 @@ class UnifiedNet(nn.Module):
         self, indices: Union[int, list[int]] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the stages after the last requested index (and the head); return the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        take_indices, max_index = stage_indices(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
         if prune_head:
             self.reset_classifier(0, "", reset_other=True)

@@ -9,41 +9,47 @@
   number of classes differs.
 * Loading is all-or-nothing: every key and shape is checked before the first tensor is copied,
   so on any error the model keeps its previous weights.
-* Our own format, :func:`save_pretrained`, is the timm / Hugging Face hub layout:
-  ``model.safetensors`` + ``config.json`` (architecture, num_classes, model_args,
-  pretrained_cfg), readable by :func:`load_pretrained` and by
-  ``timm.create_model("local-dir:<folder>")``.
+* This module knows no model list: the zoo installs the hook that names the model a mismatching
+  checkpoint looks like, and our own format (``save_pretrained``) lives in :mod:`tokenmixers.hub`.
 """
 from __future__ import annotations
 
-import functools
 import io
-import json
 import pickletools
 import re
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import safetensors
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from timm.models import adapt_input_conv
 from torch import nn
 
 from .converters import to_tokenmixers
-from .files import atomic_write, atomic_write_text
 
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 StateDict = dict[str, torch.Tensor]
 PathLike = Union[str, Path]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+# Names the registered model a state dict belongs to, for error messages. Loading knows no model list:
+# the zoo, which does, installs its guesser here (see set_architecture_guesser).
+_architecture_guesser: Optional[Callable[[dict[str, torch.Tensor]], Optional[str]]] = None
+
+
+def set_architecture_guesser(guess: Optional[Callable[[dict[str, torch.Tensor]], Optional[str]]]) -> None:
+    """Install the function that names the model a mismatching checkpoint looks like."""
+    global _architecture_guesser
+    _architecture_guesser = guess
 
 
 @dataclass
@@ -163,6 +169,13 @@ def _pick_entry(obj: dict[str, Any], entry: str, where: str) -> tuple[StateDict,
     return {k.removeprefix("module."): v for k, v in tensors.items()}, chosen
 
 
+def checkpoint_classes(path: PathLike, entry: str = "auto") -> Optional[int]:
+    """The number of classes of a checkpoint's classifier (any supported layout), or None if it has none."""
+    weights, _ = to_tokenmixers(read_state_dict(path, entry)[0])
+    classifier = weights.get("head.fc.weight")
+    return int(classifier.shape[0]) if classifier is not None and classifier.ndim == 2 else None
+
+
 # -- comparing and adapting --------------------------------------------------------------------------
 
 
@@ -173,43 +186,6 @@ def group_keys(keys: Sequence[str], limit: int = 6) -> str:
     if len(counts) > limit:
         parts.append(f"... {len(counts) - limit} more patterns")
     return f"{len(keys)} entries: " + ", ".join(parts)
-
-
-@functools.lru_cache(maxsize=None)
-def _signature(name: str) -> frozenset[tuple[str, tuple[int, ...]]]:
-    """Keys and shapes of a registered model, built on the meta device."""
-    from .zoo import create_model
-
-    with torch.device("meta"):
-        model = create_model(name)
-    return frozenset((k, tuple(v.shape)) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked"))
-
-
-def guess_architecture(state_dict: StateDict) -> Optional[str]:
-    """The registered model whose parameter names and shapes a (converted) state dict matches best.
-
-    First the family (key patterns of one model per family), then the model within it (shapes).
-    """
-    from .zoo import FAMILIES, MODEL_FAMILY, list_models
-
-    squeeze = lambda shape: tuple(d for d in shape if d != 1)  # noqa: E731  1x1 conv vs Linear, gamma layouts
-    pattern = lambda key: re.sub(r"\.\d+(?=\.)", ".*", key)  # noqa: E731
-    ours = {(k, squeeze(v.shape)) for k, v in state_dict.items() if not k.startswith("head.fc.")}
-    our_patterns = {pattern(k) for k, _ in ours}
-
-    def jaccard(a: set, b: set) -> float:
-        return len(a & b) / max(len(a | b), 1)
-
-    names = list_models()
-    first = {family: next(n for n in names if MODEL_FAMILY[n] == family) for family in FAMILIES}
-    family = max(first, key=lambda f: jaccard(our_patterns, {pattern(k) for k, _ in _signature(first[f])}))
-    best, best_score = None, 0.0
-    for name in (n for n in names if MODEL_FAMILY[n] == family):
-        theirs = {(k, squeeze(s)) for k, s in _signature(name) if not k.startswith("head.fc.")}
-        score = jaccard(ours, theirs)
-        if score > best_score:
-            best, best_score = name, score
-    return best if best_score > 0.8 else None
 
 
 def _squeezed_equal(a: torch.Size, b: torch.Size) -> bool:
@@ -284,8 +260,6 @@ def adapt_state_dict(
             elif key.endswith("weight"):
                 adapted.append(f"head.fc: checkpoint has {value.shape[0]} classes, model {want[0]}: classifier re-initialised")
         elif key == "stem.conv1.weight" and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
-            from timm.models import adapt_input_conv
-
             out[key] = adapt_input_conv(want[1], value)
             adapted.append(f"{key}: input channels {value.shape[1]} -> {want[1]}")
         else:
@@ -350,7 +324,7 @@ def _mismatch_message(
     """A grouped explanation of why a checkpoint does not fit, naming the architecture it looks like."""
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     lines = [f"checkpoint {path} does not fit {arch}; the model was left unchanged."]
-    guess = guess_architecture(state_dict)
+    guess = _architecture_guesser(state_dict) if _architecture_guesser is not None else None
     if guess and guess != arch:
         lines.append(f"This checkpoint looks like {guess}, not {arch}: create that model instead.")
     if mismatched:
@@ -361,59 +335,3 @@ def _mismatch_message(
     if unexpected:
         lines.append(f"Not in the model: {group_keys(unexpected)}")
     return "\n".join(lines)
-
-
-# -- our own format ----------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    """Tuples to lists, recursively, so configs round-trip through JSON."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-_CFG_KEYS = ("input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode",
-             "mean", "std", "num_classes", "pool_size", "first_conv", "classifier", "license")
-
-
-def save_pretrained(model: nn.Module, directory: PathLike, extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (timm / HF hub layout) into ``directory``."""
-    from . import __version__
-    from .zoo import _pretrained_cfg
-
-    directory = Path(directory)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(safetensors.torch.save(tensors, metadata={"format": "pt"})))
-    cfg = {**_pretrained_cfg(), **(getattr(model, "pretrained_cfg", None) or {})}
-    model_args = dict(getattr(model, "model_args", {}))
-    config = {
-        "architecture": cfg.get("architecture") or "unified",
-        "num_classes": getattr(model, "num_classes", None),
-        "num_features": getattr(model, "num_features", None),
-        "global_pool": model_args.get("global_pool", "avg"),
-        "model_args": _jsonable(model_args),
-        "pretrained_cfg": _jsonable({k: cfg[k] for k in _CFG_KEYS if k in cfg} | {"num_classes": getattr(model, "num_classes", 0)}),
-        "tokenmixers_version": __version__,
-        **(extra or {}),
-    }
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-    return directory
-
-
-def load_pretrained(path: PathLike, **overrides: Any) -> nn.Module:
-    """Recreate a model saved by :func:`save_pretrained` (``overrides`` change constructor args)."""
-    from .backbone import UnifiedNet
-    from .zoo import MODEL_ARGS, create_model
-
-    path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{path} is not a save_pretrained folder: {path / CONFIG_NAME} is missing")
-    config = json.loads((path / CONFIG_NAME).read_text())
-    args = {**config.get("model_args", {}), **overrides}
-    arch = config.get("architecture", "unified")
-    model = create_model(arch, **args) if arch in MODEL_ARGS else UnifiedNet(**args)
-    load_checkpoint(model, path / WEIGHTS_NAME)
-    return model

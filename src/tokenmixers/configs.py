@@ -1,0 +1,322 @@
+"""The model zoo as data: typed configs of every built-in model, importable without torch.
+
+A unified model is a :class:`ModelCfg`, a frozen dataclass holding every architecture argument of
+:class:`tokenmixers.UnifiedNet` (timm's ``ByoModelCfg`` style). A :class:`Family` is one mixer's
+configs at the four scales. :mod:`tokenmixers.zoo` registers everything here in timm; this module
+imports nothing heavy, so the command line lists the zoo instantly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+SCALES = ("micro", "tiny", "small", "base")
+BLOCK_STYLES = ("transformer", "convnext")
+POS_EMBEDS = (None, "absolute", "conv")
+
+
+def _tuple(value: Any) -> Any:
+    """Lists (e.g. from JSON or YAML) to tuples, so configs compare and hash by value."""
+    return tuple(_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    """Every architecture argument of a unified model.
+
+    Args:
+        mixer: registered mixer name (``tokenmixers.list_mixers()``).
+        depths: blocks per stage.
+        dims: channels per stage.
+        heads: attention heads (DCNv3: groups) per stage; ``None``: ``dim // 32``.
+        mixer_args: options passed to every mixer.
+        stage_mixer_args: per-stage mixer options, one mapping per stage (e.g. PVT's ``sr_ratio``).
+        mlp_ratios: MLP hidden ratio, one value or one per stage.
+        norm_eps: eps of the block LayerNorms.
+        pos_embed: ``"absolute"`` (a learned embedding, PVT) or ``"conv"`` (``x + dwconv3x3(x)``,
+            Twins/STViT) before the block(s) named by ``pos_embed_blocks``; ``None``: none.
+        pos_embed_blocks: index of the block in each stage that gets the position encoding, or
+            ``"all"`` (PVT: 0; Twins: 1, i.e. after the first block; STViT: all).
+        layer_scale_init: initial layer-scale value (``0``/``None`` disables layer scale).
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+        head_hidden_ratio: width of the head's 1x1 projection relative to the last stage (``0``:
+            no projection, BatchNorm and GELU).
+        norm_after_pool: LayerNorm after global pooling (Table VI, B).
+        stage_norms: LayerNorm after each stage (``False``: Table VI, C).
+        block_style: ``"transformer"`` or ``"convnext"`` (Table VI, D).
+    """
+
+    mixer: str
+    depths: tuple[int, ...]
+    dims: tuple[int, ...]
+    heads: Optional[tuple[int, ...]] = None
+    mixer_args: Mapping[str, Any] = field(default_factory=dict)
+    stage_mixer_args: Optional[tuple[Mapping[str, Any], ...]] = None
+    mlp_ratios: Union[float, tuple[float, ...]] = 4.0
+    norm_eps: float = 1e-5
+    pos_embed: Optional[str] = None
+    pos_embed_blocks: Union[int, str] = 0
+    layer_scale_init: Optional[float] = 1e-6
+    drop_path_rate: float = 0.0
+    head_hidden_ratio: float = 1.5
+    norm_after_pool: bool = False
+    stage_norms: bool = True
+    block_style: str = "transformer"
+
+    def __post_init__(self) -> None:
+        for name in ("depths", "dims", "heads", "stage_mixer_args", "mlp_ratios"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+        object.__setattr__(self, "mixer_args", dict(self.mixer_args))
+        n = len(self.depths)
+        if len(self.dims) != n:
+            raise ValueError(f"depths has {n} stages but dims has {len(self.dims)}")
+        for name in ("heads", "stage_mixer_args", "mlp_ratios"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != n:
+                raise ValueError(f"{name} has {len(value)} entries but the model has {n} stages")
+        if self.block_style not in BLOCK_STYLES:
+            raise ValueError(f"unknown block_style {self.block_style!r}; accepted: {', '.join(BLOCK_STYLES)}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"unknown pos_embed {self.pos_embed!r}; accepted: {', '.join(map(repr, POS_EMBEDS))}")
+        if not (self.pos_embed_blocks == "all" or isinstance(self.pos_embed_blocks, int)):
+            raise ValueError(f"pos_embed_blocks must be a block index or 'all', got {self.pos_embed_blocks!r}")
+
+    def replace(self, **changes: Any) -> ModelCfg:
+        """A copy with some fields changed; unknown fields raise a ``ValueError`` naming the known ones."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(
+                f"unknown model argument(s) {', '.join(map(repr, unknown))}; "
+                f"architecture arguments: {', '.join(f.name for f in dataclasses.fields(self))}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable fields (tuples become lists)."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, Mapping):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One mixer's models at the four scales: ``unified_<name>_<scale>``."""
+
+    name: str
+    configs: Mapping[str, ModelCfg]
+    source: str = ""
+    paper_top1: Mapping[str, float] = field(default_factory=dict)
+    recipe: str = "transformer"  # the paper's training recipe for the family: transformer or cnn
+
+    def model_names(self) -> list[str]:
+        """The registered names of the family's models."""
+        return [f"unified_{self.name}_{scale}" for scale in self.configs]
+
+
+# The HaloNet / Swin skeleton of the paper (Table IV budgets); the default for new mixers.
+SKELETON: dict[str, dict[str, Any]] = {
+    "micro": dict(depths=(2, 2, 9, 2), dims=(32, 64, 128, 256), heads=(1, 2, 4, 8), drop_path_rate=0.0),
+    "tiny": dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), heads=(3, 6, 12, 24), drop_path_rate=0.2),
+    "small": dict(depths=(2, 2, 18, 2), dims=(96, 192, 384, 768), heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    "base": dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), heads=(4, 8, 16, 32), drop_path_rate=0.5),
+}
+
+
+def family(
+    name: str,
+    mixer: str,
+    scales: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    *,
+    source: str = "",
+    paper_top1: Optional[Mapping[str, float]] = None,
+    recipe: str = "transformer",
+    **common: Any,
+) -> Family:
+    """A family from per-scale arguments over arguments common to all scales (default: the skeleton)."""
+    if recipe not in ("transformer", "cnn"):
+        raise ValueError(f"recipe must be 'transformer' or 'cnn', got {recipe!r}")
+    scales = SKELETON if scales is None else scales
+    base = ModelCfg(mixer, (1,), (1,))
+    configs = {scale: base.replace(**{**common, **args}) for scale, args in scales.items()}
+    return Family(name, configs, source, dict(paper_top1 or {}), recipe)
+
+
+# -- the 20 models of the paper (official depths, widths, heads and drop-path rates) -------------------
+
+_PAPER = "Hu et al., Demystify Transformers & Convolutions in Modern Image Deep Networks (TPAMI 2025)"
+_SR = ({"sr_ratio": 8}, {"sr_ratio": 4}, {"sr_ratio": 2}, {"sr_ratio": 1})
+
+PAPER_FAMILIES: tuple[Family, ...] = (
+    family(
+        "halo", "halo",
+        source="HaloNet (Vaswani et al., CVPR 2021), unified in " + _PAPER,
+        paper_top1=dict(micro=75.8, tiny=83.0, small=84.0, base=84.6),
+        norm_eps=1e-5,
+    ),
+    family(
+        "pvt", "sra",
+        {
+            "micro": dict(depths=(2, 2, 3, 2), dims=(32, 64, 160, 256), drop_path_rate=0.0),
+            "tiny": dict(depths=(3, 4, 9, 3), dims=(64, 128, 320, 512), drop_path_rate=0.1),
+            "small": dict(depths=(3, 4, 21, 3), dims=(64, 128, 320, 512), drop_path_rate=0.3),
+            "base": dict(depths=(3, 8, 45, 3), dims=(64, 128, 320, 512), drop_path_rate=0.5, mlp_ratios=(4, 4, 4, 4)),
+        },
+        source="PVT (Wang et al., ICCV 2021), unified in " + _PAPER,
+        paper_top1=dict(micro=72.8, tiny=82.1, small=83.2, base=83.4),
+        heads=(1, 2, 5, 8),
+        mlp_ratios=(8, 8, 4, 4),
+        stage_mixer_args=_SR,
+        pos_embed="absolute",
+        norm_eps=1e-5,
+    ),
+    family(
+        "swin", "swin",
+        source="Swin Transformer (Liu et al., ICCV 2021), unified in " + _PAPER,
+        paper_top1=dict(micro=74.4, tiny=82.3, small=83.3, base=83.7),
+        norm_eps=1e-6,
+    ),
+    family(
+        "convnext", "dwconv",
+        {
+            "micro": dict(depths=(3, 3, 8, 3), dims=(32, 64, 128, 256), drop_path_rate=0.0),
+            "tiny": dict(depths=(2, 2, 9, 2), dims=(96, 192, 384, 768), drop_path_rate=0.1),
+            "small": dict(depths=(2, 2, 24, 2), dims=(96, 192, 384, 768), drop_path_rate=0.4),
+            "base": dict(depths=(2, 2, 24, 2), dims=(128, 256, 512, 1024), drop_path_rate=0.5),
+        },
+        source="ConvNeXt (Liu et al., CVPR 2022) / DWNet 7x7 depth-wise conv, unified in " + _PAPER,
+        paper_top1=dict(micro=75.1, tiny=82.2, small=83.1, base=83.7),
+        recipe="cnn",
+        norm_eps=1e-6,
+    ),
+    family(
+        "dcn_v3", "dcnv3",
+        {
+            "micro": dict(depths=(2, 2, 9, 2), dims=(32, 64, 128, 256), heads=(2, 4, 8, 16), drop_path_rate=0.0),
+            "tiny": dict(depths=(4, 4, 18, 4), dims=(64, 128, 256, 512), heads=(4, 8, 16, 32), drop_path_rate=0.1),
+            "small": dict(depths=(4, 4, 21, 4), dims=(80, 160, 320, 640), heads=(5, 10, 20, 40), drop_path_rate=0.3),
+            "base": dict(depths=(4, 4, 21, 4), dims=(112, 224, 448, 896), heads=(7, 14, 28, 56), drop_path_rate=0.5),
+        },
+        source="DCNv3 / InternImage (Wang et al., CVPR 2023), unified in " + _PAPER,
+        paper_top1=dict(micro=75.3, tiny=83.3, small=84.1, base=84.5),
+        recipe="cnn",
+        norm_eps=1e-5,
+    ),
+)
+
+# -- the related systems' mixers at the paper's budgets ------------------------------------------------
+# Depths and widths were chosen so that every model lands within +-3% of the DWConv model's
+# parameters (4.44M / 31.9M / 54.4M / 95.9M) and +-10% of its MACs at 224 (0.65 / 5.00 / 9.39 /
+# 16.62 G, all products counted); `tokenmixers bench 'unified_*'` prints both, the tests assert them.
+
+RELATED_FAMILIES: tuple[Family, ...] = (
+    # DWNet's dynamic depth-wise conv. The kernel generator predicts C*49 values from C/r features; with
+    # DWNet's r = 4 it alone holds 12.5*C^2 parameters per block (DWNet-T doubles to 51M), so r = 16 here,
+    # and depth moves from stage 4 (most parameters, no extra MACs) to stages 1-2 to keep the MACs.
+    family(
+        "dyn_dwconv", "dyn_dwconv",
+        {  # params / MACs vs DWConv: -0.3% / -4.3%, -2.0% / +0.3%, +1.2% / -2.7%, +1.3% / -2.7%
+            "micro": dict(depths=(4, 3, 7, 2), dims=(32, 64, 128, 256), drop_path_rate=0.0),
+            "tiny": dict(depths=(2, 4, 8, 1), dims=(96, 192, 384, 768), drop_path_rate=0.1),
+            "small": dict(depths=(4, 4, 20, 1), dims=(96, 192, 384, 768), drop_path_rate=0.4),
+            "base": dict(depths=(4, 4, 20, 1), dims=(128, 256, 512, 1024), drop_path_rate=0.5),
+        },
+        source="DWNet dynamic depth-wise conv (Han et al., ICLR 2022), homogeneous",
+        recipe="cnn",
+        mixer_args={"reduction": 16},
+        norm_eps=1e-6,
+    ),
+    # DWNet's inhomogeneous dynamic depth-wise conv: per-pixel 7x7 kernels, one per group of 16 channels
+    # (DWNet uses 32 groups; 16-channel groups, as DCNv3's, fit the micro budget).
+    family(
+        "idyn_dwconv", "idyn_dwconv",
+        {  # +1.6% / -2.1%, +2.4% / +0.8%, -1.0% / -2.3%, -0.7% / -1.9%
+            "micro": dict(depths=(3, 3, 7, 3), dims=(32, 64, 128, 256), heads=(2, 4, 8, 16), drop_path_rate=0.0),
+            "tiny": dict(depths=(2, 2, 8, 2), dims=(96, 192, 384, 768), heads=(6, 12, 24, 48), drop_path_rate=0.1),
+            "small": dict(depths=(2, 2, 21, 2), dims=(96, 192, 384, 768), heads=(6, 12, 24, 48), drop_path_rate=0.4),
+            "base": dict(depths=(2, 2, 21, 2), dims=(128, 256, 512, 1024), heads=(8, 16, 32, 64), drop_path_rate=0.5),
+        },
+        source="DWNet inhomogeneous dynamic depth-wise conv (Han et al., ICLR 2022)",
+        recipe="cnn",
+        norm_eps=1e-6,
+    ),
+    # Twins-SVT: LSA (7x7 windows) on even blocks, GSA (sr 8/4/2/1) on odd blocks, and the conditional
+    # position encoding after the first block of each stage; every stage has an even depth.
+    family(
+        "twins", "twins",
+        {  # +2.9% / +0.1%, -0.3% / -4.0%, -1.9% / -4.3%, -1.7% / -4.7%
+            "micro": dict(depths=(2, 2, 8, 2), dims=(32, 64, 128, 256), drop_path_rate=0.0),
+            "tiny": dict(depths=(2, 4, 4, 2), dims=(96, 192, 384, 768), drop_path_rate=0.2),
+            "small": dict(depths=(4, 4, 14, 2), dims=(96, 192, 384, 768), drop_path_rate=0.3),
+            "base": dict(depths=(4, 4, 14, 2), dims=(128, 256, 512, 1024), drop_path_rate=0.5),
+        },
+        source="Twins-SVT (Chu et al., NeurIPS 2021)",
+        stage_mixer_args=_SR,
+        pos_embed="conv",
+        pos_embed_blocks=1,
+        norm_eps=1e-6,
+    ),
+    # STViT: super tokens of 8x8 / 4x4 cells in stages 1-2, global attention in stages 3-4, and the
+    # convolutional position encoding before every block.
+    family(
+        "stvit", "stvit",
+        {  # -1.1% / +8.3%, +0.7% / +0.3%, -1.7% / +1.6%, -1.5% / +0.3%
+            "micro": dict(depths=(2, 2, 9, 2), dims=(32, 64, 128, 256), drop_path_rate=0.0),
+            "tiny": dict(depths=(3, 3, 6, 2), dims=(96, 192, 384, 768), drop_path_rate=0.2),
+            "small": dict(depths=(3, 3, 18, 2), dims=(96, 192, 384, 768), drop_path_rate=0.3),
+            "base": dict(depths=(3, 3, 18, 2), dims=(128, 256, 512, 1024), drop_path_rate=0.5),
+        },
+        source="STViT super-token attention (Huang et al., CVPR 2023)",
+        stage_mixer_args=({"cell_size": 8}, {"cell_size": 4}, {"cell_size": 1}, {"cell_size": 1}),
+        pos_embed="conv",
+        pos_embed_blocks="all",
+        norm_eps=1e-6,
+    ),
+)
+
+FAMILIES: tuple[Family, ...] = PAPER_FAMILIES + RELATED_FAMILIES
+
+
+def _ablations() -> dict[str, tuple[str, ModelCfg]]:
+    """The paper's ablation models: name -> (family, config)."""
+    small = {f.name: f.configs["small"] for f in PAPER_FAMILIES}
+    out = {
+        # Table VII (local attention): halo on every second block, a 1-pixel halo, and the query block
+        # moved to the top-left corner of its (unchanged) key window.
+        "unified_halo_small_switch": ("halo", small["halo"].replace(mixer_args={"halo_every": 2})),
+        "unified_halo_small_1px": ("halo", small["halo"].replace(mixer_args={"halo_size": 1})),
+        "unified_halo_small_shift": ("halo", small["halo"].replace(mixer_args={"query_offset": 0})),
+    }
+    # Table VI (architecture): B = LayerNorm after pooling, C = B without stage norms, D = the ConvNeXt
+    # block (DWConv then without its 1x1 projections, as in ConvNeXt).
+    for name, cfg in small.items():
+        base = f"unified_{name}_small"
+        d_args = {"mixer_args": {**cfg.mixer_args, "projections": False}} if name == "convnext" else {}
+        out[f"{base}_b"] = (name, cfg.replace(norm_after_pool=True))
+        out[f"{base}_c"] = (name, cfg.replace(norm_after_pool=True, stage_norms=False))
+        out[f"{base}_d"] = (name, cfg.replace(block_style="convnext", **d_args))
+    return out
+
+
+VARIANTS: dict[str, tuple[str, ModelCfg]] = _ablations()
+
+
+def builtin_models() -> dict[str, tuple[str, ModelCfg]]:
+    """Every built-in unified model in zoo order: name -> (family, config)."""
+    models = {n: (f.name, cfg) for f in FAMILIES for n, cfg in zip(f.model_names(), f.configs.values())}
+    return {**models, **VARIANTS}
+
+
+def as_cfg(value: Union[ModelCfg, Mapping[str, Any], Sequence[Any]]) -> ModelCfg:
+    """A ``ModelCfg`` from a config, a mapping of its fields (e.g. JSON) or positional fields."""
+    if isinstance(value, ModelCfg):
+        return value
+    if isinstance(value, Mapping):
+        return ModelCfg(**value)
+    return ModelCfg(*value)
