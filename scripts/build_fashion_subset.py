@@ -58,8 +58,8 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]")
-    parser.add_argument("--train-per-class", type=int, default=1000)
-    parser.add_argument("--val-per-class", type=int, default=1000)
+    parser.add_argument("--train-per-class", type=int, default=500)
+    parser.add_argument("--val-per-class", type=int, default=500)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
 

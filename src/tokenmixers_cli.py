@@ -198,7 +198,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from tokenmixers.compare import compare
 
     result = compare(args.models or None, recipe=args.recipe, overrides=args.overrides, output=args.output,
-                     bench_size=args.bench_size, bench_batch=args.bench_batch)
+                     bench_size=args.bench_size, bench_batch=args.bench_batch, seeds=args.seeds)
     print((Path(result["report"]).read_text()))
     print(f"report: {result['report']}")
 
@@ -311,8 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="train and evaluate several models under one recipe; one report")
-    p.add_argument("models", nargs="*", help="models or globs (default: the micro model of every family)")
-    p.add_argument("--recipe", default="digits")
+    p.add_argument("models", nargs="*", help="models or globs (default: the micro models of the paper's five mixers)")
+    p.add_argument("--recipe", default="fashion", help="fashion (built-in Fashion-MNIST subset), digits, transformer, "
+                   "cnn or a YAML file")
+    p.add_argument("--seeds", type=_positive, default=1, help="runs per model (seeds from the recipe's seed on); "
+                   "reports mean ± std and intervals with the seed spread")
     p.add_argument("--output", default="results/compare")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="recipe overrides, e.g. --set epochs=3 input_size=48")

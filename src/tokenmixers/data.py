@@ -4,8 +4,8 @@ Four sources, chosen by the ``data`` setting:
 
 * ``"fashion"``: the built-in Fashion-MNIST subset (Zalando Research, MIT licence; shipped in
   ``tokenmixers/datasets``, no download): 28x28 greyscale product photos of 10 classes, padded with
-  black to 32x32 RGB images. ``train`` is 1,000 images per class of Fashion-MNIST's training split,
-  ``val`` its whole test split (10,000 images).
+  black to 32x32 RGB images. ``train``: the first 500 images of each class of Fashion-MNIST's
+  training split; ``val``: the first 500 of each class of its test split (5,000 images each).
 * ``"digits"``: scikit-learn's 1,797 handwritten digits (8x8, shipped with scikit-learn, no
   download), upsampled to RGB images; a fixed split puts every fifth image of each class in
   ``val`` (1,433 train / 364 val).
