@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tokenmixers.analysis import load_images
 from tokenmixers.compare import compare, default_models
@@ -52,6 +53,9 @@ def test_one_run_uses_wilson_and_mcnemar() -> None:
     assert (diff.only_a, diff.only_b, diff.test) == (10, 2, "exact McNemar")
     assert diff.delta == pytest.approx(8.0)
     assert diff.p_value == pytest.approx(mcnemar_exact(10, 2))
+    # paired interval: per-image differences are +1 (10 images), -1 (2), 0 (88); sample variance / n
+    half = 1.959964 * math.sqrt((12 - 100 * 0.08**2) / 99 / 100)
+    assert (diff.low, diff.high) == pytest.approx((100 * (0.08 - half), 100 * (0.08 + half)), abs=1e-4)
     same = paired_difference(a, a)
     assert (same.delta, same.p_value) == (0.0, 1.0)
 
@@ -70,6 +74,7 @@ def test_several_runs_add_seed_spread() -> None:
     se = math.sqrt(0.03125 / 2 + 0.6875 / 3 / 4)
     assert diff.delta == pytest.approx(37.5)
     assert diff.p_value == pytest.approx(math.erfc(0.375 / se / math.sqrt(2)))
+    assert (diff.low, diff.high) == pytest.approx((100 * (0.375 - 1.959964 * se), 100 * (0.375 + 1.959964 * se)), abs=1e-4)
     assert (diff.only_a, diff.only_b, diff.test) == (2, 0, "z-test (seeds and images)")
 
 
@@ -105,7 +110,7 @@ def test_default_comparison_is_the_papers_five_mixers() -> None:
 TINY = {"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 16, "threads": 1, "log_every": 1}
 
 
-def test_compare_reports_intervals_and_noise(tmp_path: Path) -> None:
+def test_compare_reports_intervals_and_noise(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     models = ["unified_convnext_micro", "unified_pvt_micro"]
     result = compare(models, recipe="digits", overrides=TINY, output=tmp_path, bench_size=32, bench_batch=2)
     report = Path(result["report"]).read_text()
@@ -118,15 +123,21 @@ def test_compare_reports_intervals_and_noise(tmp_path: Path) -> None:
         assert r["top1"] == pytest.approx(r["runs"][0]["ema_top1"])  # the EMA weights, as training measured them
     (pair,) = result["pairs"]
     assert pair["delta"] == pytest.approx(rows[pair["a"]]["top1"] - rows[pair["b"]]["top1"])
-    assert 0 < pair["p_value"] <= 1
-    for name in ("accuracy.png", "accuracy_vs_macs.png", "training_curves.png", "results.csv"):
-        assert (tmp_path / name).stat().st_size > 0
+    assert 0 < pair["p_value"] <= 1 and pair["delta_low"] < pair["delta"] < pair["delta_high"]
+    assert "| 75.1 |" in report and "| 72.8 |" in report  # the paper's ImageNet top-1 beside ours
+    for name in ("accuracy.png", "accuracy_vs_macs.png", "training_curves.png"):
+        with Image.open(tmp_path / name) as plot:  # a complete, decodable PNG
+            assert plot.format == "PNG" and min(plot.size) > 100
+            plot.load()
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
     predictions = np.load(tmp_path / models[0] / "seed0" / "predictions.npz")
     assert predictions["top5"].shape == (364, 5) and len(predictions["labels"]) == 364
 
     # a second seed through the CLI: seed 0 is reused, seed 1 trained; mean ± std and per-seed values
     main(["compare", *models, "--recipe", "digits", "--seeds", "2", "--output", str(tmp_path), "--bench-size", "32",
           "--bench-batch", "2", *(f"{k}={v}" for k, v in TINY.items())])
+    out = capsys.readouterr().out
+    assert all(f"{m}, seed 0: already trained" in out and f"{m}, seed 1: training" in out for m in models)
     saved = json.loads((tmp_path / "results.json").read_text())
     for r in saved["models"]:
         assert [run["seed"] for run in r["runs"]] == [0, 1]

@@ -160,8 +160,9 @@ def _pairs(rows: Sequence[Mapping[str, Any]], correct: Mapping[str, np.ndarray])
     pairs = []
     for a, b in chosen:
         diff = paired_difference(correct[a], correct[b])
-        pairs.append({"a": a, "b": b, "delta": diff.delta, "p_value": diff.p_value, "only_a": diff.only_a,
-                      "only_b": diff.only_b, "test": diff.test, "separated": diff.p_value < ALPHA})
+        pairs.append({"a": a, "b": b, "delta": diff.delta, "delta_low": diff.low, "delta_high": diff.high,
+                      "p_value": diff.p_value, "only_a": diff.only_a, "only_b": diff.only_b, "test": diff.test,
+                      "separated": diff.p_value < ALPHA})
     return pairs
 
 
@@ -170,12 +171,21 @@ def _mean_rate(history: Sequence[Mapping[str, Any]]) -> float:
     return sum(rates) / max(len(rates), 1)
 
 
+def _paper_top1(name: str) -> str:
+    """The paper's ImageNet-1k top-1 of a model (%), or a dash for models the paper did not train."""
+    for family in PAPER_FAMILIES:
+        for scale, top1 in family.paper_top1.items():
+            if name == f"unified_{family.name}_{scale}":
+                return f"{top1:.1f}"
+    return "–"
+
+
 def _short(name: str) -> str:
     return name.removeprefix("unified_")
 
 
-def _interval(row: Mapping[str, Any], key: str) -> str:
-    return f"{row[key + '_low']:.2f}–{row[key + '_high']:.2f}"
+def _interval(row: Mapping[str, Any], key: str, spec: str = ".2f") -> str:
+    return f"{row[key + '_low']:{spec}} to {row[key + '_high']:{spec}}"
 
 
 def _noise_summary(rows: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -194,8 +204,8 @@ def _noise_summary(rows: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[st
         lines.append(f"- **Neighbours in the ranking within noise of each other:** {', '.join(same) or 'none'}.")
     worst = vs_best[-1]
     verdict = "separated" if worst["separated"] else "NOT separated (within noise)"
-    lines.append(f"- **Best vs worst:** {_short(best)} − {_short(worst['b'])} = {worst['delta']:+.2f} points, "
-                 f"p = {worst['p_value']:.2g}: {verdict}.")
+    lines.append(f"- **Best vs worst:** {_short(best)} − {_short(worst['b'])} = {worst['delta']:+.2f} points "
+                 f"(95 % interval {_interval(worst, 'delta', '+.2f')}), p = {worst['p_value']:.2g}: {verdict}.")
     return lines
 
 
@@ -206,22 +216,22 @@ def _write_report(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], outpu
     seeds = [r["seed"] for r in rows[0]["runs"]]
     several = len(seeds) > 1
     accuracy_table = [
-        "| rank | model | top-1 (%) | 95 % interval | Δ to best | top-5 (%) | 95 % interval |"
+        "| rank | model | top-1 (%) | 95 % interval | Δ to best | top-5 (%) | 95 % interval | paper, ImageNet top-1 |"
         + (" top-1 per seed |" if several else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if several else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if several else ""),
     ]
     for rank, r in enumerate(rows, 1):
         top1 = f"{r['top1']:.2f} ± {r['top1_std']:.2f}" if several else f"{r['top1']:.2f}"
         per_seed = ", ".join(format(x["top1"], ".2f") for x in r["runs"])
         accuracy_table.append(
             f"| {rank} | {r['model']} | {top1} | {_interval(r, 'top1')} | {r['top1'] - rows[0]['top1']:+.2f} | "
-            f"{r['top5']:.2f} | {_interval(r, 'top5')} |" + (f" {per_seed} |" if several else "")
+            f"{r['top5']:.2f} | {_interval(r, 'top5')} | {_paper_top1(r['model'])} |" + (f" {per_seed} |" if several else "")
         )
-    pair_table = ["| A | B | Δ = A − B (points) | images only A / only B gets right | p | within noise? |",
-                  "|---|---|---|---|---|---|"]
+    pair_table = ["| A | B | Δ = A − B (points) | 95 % interval of Δ | images only A / only B gets right | p | "
+                  "within noise? |", "|---|---|---|---|---|---|---|"]
     for p in pairs:
-        pair_table.append(f"| {_short(p['a'])} | {_short(p['b'])} | {p['delta']:+.2f} | {p['only_a']} / {p['only_b']} | "
-                          f"{p['p_value']:.2g} | {'no' if p['separated'] else 'yes'} |")
+        pair_table.append(f"| {_short(p['a'])} | {_short(p['b'])} | {p['delta']:+.2f} | {_interval(p, 'delta', '+.2f')} | "
+                          f"{p['only_a']} / {p['only_b']} | {p['p_value']:.2g} | {'no' if p['separated'] else 'yes'} |")
     cost_table = ["| model | mixer | params (M) | MACs (G) | img/s | train time (s) | train img/s |",
                   "|---|---|---|---|---|---|---|"]
     for r in rows:

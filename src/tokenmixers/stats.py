@@ -4,7 +4,8 @@ All models of a comparison are evaluated on the same validation images, so diffe
 paired, image by image:
 
 * one run per model: the Wilson score interval of each accuracy and the exact McNemar test of a
-  pair (a two-sided binomial test on the images exactly one of the two models gets right);
+  pair (a two-sided binomial test on the images exactly one of the two models gets right), with the
+  paired (Wald) interval of the difference;
 * several runs (seeds) per model: the mean accuracy with an interval that adds the seed-to-seed
   variance of the mean to the variance from sampling the images, and a z-test of a pair's
   difference with the same two sources of variance (normal approximation; with a handful of seeds
@@ -70,10 +71,12 @@ def accuracy(correct: np.ndarray) -> Accuracy:
 
 @dataclass
 class Difference:
-    """Accuracy of A minus B (% points) with the test's p-value; ``only_a``/``only_b`` count the
-    images exactly one model gets right (summed over runs)."""
+    """Accuracy of A minus B (% points) with its 95 % interval and the test's p-value;
+    ``only_a``/``only_b`` count the images exactly one model gets right (averaged over pairs of runs)."""
 
     delta: float
+    low: float
+    high: float
     p_value: float
     only_a: int
     only_b: int
@@ -90,12 +93,15 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray) -> Differenc
     only_b = round(int((~a[:, None] & b[None]).sum()) / pairings)
     mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)  # per image, over runs
     delta = float(mean_a.mean() - mean_b.mean())
-    if a.shape[0] == 1 and b.shape[0] == 1:
-        return Difference(100 * delta, mcnemar_exact(only_a, only_b), only_a, only_b, "exact McNemar")
     seed_var = sum(x.mean(axis=1).var(ddof=1) / x.shape[0] for x in (a, b) if x.shape[0] > 1)
-    var = seed_var + (mean_a - mean_b).var(ddof=1) / a.shape[1]
-    p = 1.0 if var == 0 else float(2 * stats.norm.sf(abs(delta) / math.sqrt(var)))
-    return Difference(100 * delta, p, only_a, only_b, "z-test (seeds and images)")
+    var = seed_var + (mean_a - mean_b).var(ddof=1) / a.shape[1]  # one run each: the paired (Wald) variance
+    half = Z95 * math.sqrt(var)
+    if a.shape[0] == 1 and b.shape[0] == 1:
+        p, test = mcnemar_exact(only_a, only_b), "exact McNemar"
+    else:
+        p = 1.0 if var == 0 else float(2 * stats.norm.sf(abs(delta) / math.sqrt(var)))
+        test = "z-test (seeds and images)"
+    return Difference(100 * delta, 100 * (delta - half), 100 * (delta + half), p, only_a, only_b, test)
 
 
 def _as_runs(correct: np.ndarray) -> np.ndarray:
