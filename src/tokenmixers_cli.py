@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="settings to change, e.g. epochs=30 batch_size=64 precision=bf16")
     p.add_argument("--recipe", default=None, help="transformer, cnn, digits or a YAML file (default: the model's recipe)")
     p.add_argument("--model", default=None)
-    p.add_argument("--data", default=None, help="data folder (class folders or meta/*.txt) or 'digits'")
+    p.add_argument("--data", default=None, help="data folder (class folders or meta/*.txt), 'fashion' or 'digits'")
     p.add_argument("--output", default=None, help="output folder (checkpoints, metrics, logs)")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
     p.add_argument("--overwrite", action="store_true",
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="training checkpoint, official checkpoint or weights folder ('none': random weights)")
     p.add_argument("--model", default=None, help="default: the model of the run that wrote the checkpoint")
-    p.add_argument("--data", default=None, help="data folder or 'digits' (default: the run's data)")
+    p.add_argument("--data", default=None, help="data folder, 'fashion' or 'digits' (default: the run's data)")
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--input-size", type=_positive, default=None, help="default: the run's, else 224")
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("erf", help="effective receptive field per stage (maps, metrics, heatmaps)")
     p.add_argument("models", nargs="+", help="tokenmixers or timm model names")
-    p.add_argument("--images", default="digits", help="'digits', a dataset root (val split) or any image folder")
+    p.add_argument("--images", default="digits", help="'digits', 'fashion', a dataset root (val split) or any image folder")
     p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
     p.add_argument("--num-images", type=_positive, default=50, help="number of images")
     p.add_argument("--input-size", type=int, default=224)
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("invariance", help="consistency and accuracy under translation, rotation and scale")
     p.add_argument("models", nargs="+")
-    p.add_argument("--data", default="digits", help="'digits', a dataset root (val split) or any image folder")
+    p.add_argument("--data", default="digits", help="'digits', 'fashion', a dataset root (val split) or any image folder")
     p.add_argument("--kinds", nargs="+", default=["translation", "pre_rotation", "post_rotation", "scale"],
                    choices=["translation", "pre_rotation", "post_rotation", "scale"])
     p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
