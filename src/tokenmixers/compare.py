@@ -307,7 +307,7 @@ def _plots(rows: list[dict[str, Any]], pairs: Sequence[Mapping[str, Any]], outpu
             ax.scatter([x["top1"] for x in r["runs"]], [y] * len(r["runs"]), s=12, color="k", alpha=0.5, zorder=3,
                        label="one seed" if y == 0 else None)
     ax.errorbar([], [], xerr=[], fmt="o", color="tab:blue", capsize=4, label="within noise of the best")
-    ax.errorbar([], [], xerr=[], fmt="o", color="tab:gray", capsize=4, label="below the best beyond noise")
+    ax.errorbar([], [], xerr=[], fmt="o", color="tab:gray", capsize=4, label="below the best beyond noise (paired test)")
     ax.set_yticks(range(len(rows)), [_short(r["model"]) for r in rows])
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel("top-1 (%) with 95 % interval")
