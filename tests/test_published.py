@@ -22,7 +22,7 @@ import tokenmixers_cli
 from tokenmixers import CheckpointError, load_checkpoint, load_pretrained
 from tokenmixers.checkpoint import safe_torch_load
 
-from .conftest import SHARED
+from .conftest import SHARED, randomised
 from .reference import official_state_dict, relative_difference
 
 REFERENCE = SHARED / "reference" / "related-systems"
@@ -92,6 +92,18 @@ def test_param_count_equals_official(name: str) -> None:
     with torch.device("meta"):
         model = timm.create_model(name)
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[name]
+
+
+def test_published_super_tokens_take_the_zero_padding_in() -> None:
+    # the official STViT zero-pads the normalised map to whole cells before pooling: mask_padding=False must equal
+    # the mixer on an explicitly zero-padded map, cropped; the default (masked) mixer must not
+    published = randomised(tokenmixers.create_mixer("stvit", 32, num_heads=2, cell_size=4, mask_padding=False))
+    masked = randomised(tokenmixers.create_mixer("stvit", 32, num_heads=2, cell_size=4))
+    masked.load_state_dict(published.state_dict())
+    x = torch.randn(1, 10, 7, 32, dtype=torch.float64)
+    explicit = published(torch.nn.functional.pad(x, (0, 0, 0, 1, 0, 2)))[:, :10, :7]
+    torch.testing.assert_close(published(x), explicit, rtol=1e-12, atol=1e-12)
+    assert (masked(x) - explicit).abs().max() > 1e-3
 
 
 # -- the timm surface at any size -------------------------------------------------------------------------

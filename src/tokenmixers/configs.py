@@ -413,7 +413,6 @@ class Published:
     family: str
     source: str
     top1: Optional[float] = None  # ImageNet-1k top-1 (224) reported for the released weights
-    counterpart: str = ""  # the unified model with the same mixer at a similar budget
     url: str = ""
 
 
@@ -427,37 +426,31 @@ _DW_B = DWNetCfg(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), drop_path_rat
 # The official configs and the top-1 of the released checkpoints (the README); the inhomogeneous models
 # have a config but no released checkpoint. Drop-path rates are the official training values.
 PUBLISHED: dict[str, Published] = {
-    "dwnet_tiny": Published(_DW_T, "dwnet", _DWNET, 81.2, "unified_convnext_tiny", _DWNET_URL),
-    "dwnet_base": Published(_DW_B, "dwnet", _DWNET, 83.2, "unified_convnext_base", _DWNET_URL),
-    "dwnet_dynamic_tiny": Published(
-        _DW_T.replace(spatial="dynamic"), "dwnet", _DWNET, 81.8, "unified_dyn_dwconv_tiny", _DWNET_URL
-    ),
-    "dwnet_dynamic_base": Published(
-        _DW_B.replace(spatial="dynamic"), "dwnet", _DWNET, 83.2, "unified_dyn_dwconv_base", _DWNET_URL
-    ),
+    "dwnet_tiny": Published(_DW_T, "dwnet", _DWNET, 81.2, _DWNET_URL),
+    "dwnet_base": Published(_DW_B, "dwnet", _DWNET, 83.2, _DWNET_URL),
+    "dwnet_dynamic_tiny": Published(_DW_T.replace(spatial="dynamic"), "dwnet", _DWNET, 81.8, _DWNET_URL),
+    "dwnet_dynamic_base": Published(_DW_B.replace(spatial="dynamic"), "dwnet", _DWNET, 83.2, _DWNET_URL),
     "dwnet_idynamic_tiny": Published(
-        _DW_T.replace(spatial="inhomogeneous", group_channels=(3, 6, 12, 24)), "dwnet", _DWNET, None,
-        "unified_idyn_dwconv_tiny", _DWNET_URL,
+        _DW_T.replace(spatial="inhomogeneous", group_channels=(3, 6, 12, 24)), "dwnet", _DWNET, None, _DWNET_URL
     ),
     "dwnet_idynamic_base": Published(
-        _DW_B.replace(spatial="inhomogeneous", group_channels=(4, 8, 16, 32)), "dwnet", _DWNET, None,
-        "unified_idyn_dwconv_base", _DWNET_URL,
+        _DW_B.replace(spatial="inhomogeneous", group_channels=(4, 8, 16, 32)), "dwnet", _DWNET, None, _DWNET_URL
     ),
-    "stvit_small": Published(STViTCfg(), "stvit", _STVIT, 83.6, "unified_stvit_tiny", _STVIT_URL),
+    "stvit_small": Published(STViTCfg(), "stvit", _STVIT, 83.6, _STVIT_URL),
     "stvit_base": Published(
         STViTCfg(depths=(4, 6, 14, 6), dims=(96, 192, 384, 512), heads=(2, 3, 6, 8),
                  layer_scale_init=(0.0, 0.0, 1e-6, 1e-6), drop_path_rate=0.4),
-        "stvit", _STVIT, 84.8, "unified_stvit_small", _STVIT_URL,
+        "stvit", _STVIT, 84.8, _STVIT_URL,
     ),
     "stvit_large": Published(
         STViTCfg(depths=(4, 7, 19, 8), dims=(96, 192, 448, 640), heads=(2, 3, 7, 10),
                  layer_scale_init=(0.0, 0.0, 1e-6, 1e-6), drop_path_rate=0.6),
-        "stvit", _STVIT, 85.3, "unified_stvit_base", _STVIT_URL,
+        "stvit", _STVIT, 85.3, _STVIT_URL,
     ),
 }
 
 # timm's own Twins models (Chu et al., NeurIPS 2021) with the official weights: not re-implemented here,
-# listed for their reported top-1 and their unified counterparts.
+# listed for their reported top-1.
 TIMM_TOP1: dict[str, float] = {
     "twins_pcpvt_small": 81.2, "twins_pcpvt_base": 82.7, "twins_pcpvt_large": 83.1,
     "twins_svt_small": 81.7, "twins_svt_base": 83.2, "twins_svt_large": 83.7,
