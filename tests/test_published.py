@@ -22,7 +22,7 @@ import tokenmixers_cli
 from tokenmixers import CheckpointError, load_checkpoint, load_pretrained
 from tokenmixers.checkpoint import safe_torch_load
 
-from .conftest import SHARED, randomised
+from .conftest import ROOT, SHARED, randomised
 from .reference import official_state_dict, relative_difference
 
 REFERENCE = SHARED / "reference" / "related-systems"
@@ -104,6 +104,24 @@ def test_published_super_tokens_take_the_zero_padding_in() -> None:
     explicit = published(torch.nn.functional.pad(x, (0, 0, 0, 1, 0, 2)))[:, :10, :7]
     torch.testing.assert_close(published(x), explicit, rtol=1e-12, atol=1e-12)
     assert (masked(x) - explicit).abs().max() > 1e-3
+
+
+def test_readme_model_table_matches_the_models() -> None:
+    from tokenmixers.bench import count_macs
+
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] in OFFICIAL_PARAMS and len(cells) == 5:  # the model table: name, params, MACs, paper MACs, top-1
+            rows[cells[0]] = cells[1:]
+    assert set(rows) == set(OFFICIAL_PARAMS)
+    for name, cells in rows.items():
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        macs = count_macs(model)
+        counted = [f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}", f"{macs['macs'] / 1e9:.2f}",
+                   f"{macs['macs_paper'] / 1e9:.2f}", str(tokenmixers.zoo.reported_top1(name) or "–")]
+        assert counted == cells, name
 
 
 # -- the timm surface at any size -------------------------------------------------------------------------
