@@ -240,18 +240,30 @@ class StagedNet(nn.Module):
     """The timm model surface of a four-stage network: ``stem -> stages -> head`` on channels-last tokens.
 
     Shared by the unified backbone and the published architectures of :mod:`tokenmixers.models`. A
-    subclass passes its typed config (with ``dims`` and ``mixer``) to ``__init__``, then builds
-    ``stem`` (image -> ``(B, H/4, W/4, C)`` tokens), the stages (:meth:`_set_stages`: one
-    :class:`Stage` per stride 4/8/16/32) and ``head`` (a :class:`Head`), and sets ``head_hidden_size``.
+    subclass passes its typed config (with ``dims`` and ``mixer``) and timm's keyword arguments to
+    ``__init__``, then builds ``stem`` (image -> ``(B, H/4, W/4, C)`` tokens), the stages
+    (:meth:`_set_stages`: one :class:`Stage` per stride 4/8/16/32) and the head (:meth:`_set_head`).
+
+    Args:
+        cfg: the typed architecture config.
+        in_chans, num_classes, global_pool, drop_rate: as in timm.
+        **overrides: config fields to change, e.g. ``drop_path_rate=0.1`` (what
+            ``timm.create_model(name, **kwargs)`` passes through).
     """
 
     head: Head
     head_hidden_size: int
 
     def __init__(
-        self, cfg: Any, in_chans: int, num_classes: int, global_pool: str, drop_rate: float, overrides: dict[str, Any]
+        self,
+        cfg: Any,
+        *,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        **overrides: Any,
     ) -> None:
-        """Resolve the architecture (``overrides`` are fields of the config ``cfg``) and the classifier settings."""
         super().__init__()
         check_pool(global_pool, num_classes)
         self.cfg = cfg.replace(**overrides) if overrides else cfg  # the resolved architecture, saved with the weights
@@ -260,6 +272,7 @@ class StagedNet(nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.num_features: int = self.cfg.dims[-1]
+        self._initial_pool = global_pool  # for _set_head; the head owns the pooling afterwards
 
     def _set_stages(self, stages: Sequence[Stage]) -> None:
         """Install the stages (strides 4, 8, 16, 32) and describe their outputs for timm (``feature_info``)."""
@@ -267,6 +280,13 @@ class StagedNet(nn.Module):
         self.feature_info = [
             dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}") for i, dim in enumerate(self.cfg.dims)
         ]
+
+    def _set_head(self, hidden_dim: int, **options: Any) -> None:
+        """Install the :class:`Head` (``hidden_dim=0``: pool -> Linear) with the constructor's classifier settings."""
+        self.head = Head(
+            self.num_features, hidden_dim, self.num_classes, self._initial_pool, drop_rate=self.drop_rate, **options
+        )
+        self.head_hidden_size = self.head.hidden_dim
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -435,7 +455,9 @@ class UnifiedNet(StagedNet):
         img_size: Union[int, Sequence[int]] = 224,
         **overrides: Any,
     ) -> None:
-        super().__init__(cfg, in_chans, num_classes, global_pool, drop_rate, overrides)
+        super().__init__(
+            cfg, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate, **overrides
+        )
         cfg = self.cfg
         n = len(cfg.depths)
         heads = [max(d // 32, 1) for d in cfg.dims] if cfg.heads is None else list(cfg.heads)
@@ -472,8 +494,7 @@ class UnifiedNet(StagedNet):
         self._set_stages(stages)
 
         hidden = int(cfg.dims[-1] * cfg.head_hidden_ratio)
-        self.head = Head(cfg.dims[-1], hidden, num_classes, global_pool, cfg.norm_after_pool, drop_rate)
-        self.head_hidden_size = self.head.hidden_dim
+        self._set_head(hidden, norm_after_pool=cfg.norm_after_pool)
         self.apply(self._init_weights)
 
     @torch.jit.ignore

@@ -78,24 +78,15 @@ class DWNet(StagedNet):
 
     Args:
         cfg: the architecture (every field is documented in :class:`tokenmixers.configs.DWNetCfg`).
-        in_chans, num_classes, global_pool, drop_rate: as in timm.
-        **overrides: config fields to change, e.g. ``drop_path_rate=0.1``.
+        **kwargs: timm's ``in_chans``, ``num_classes``, ``global_pool``, ``drop_rate`` and config fields to
+            change, e.g. ``drop_path_rate=0.1`` (see :class:`tokenmixers.backbone.StagedNet`).
     """
 
-    def __init__(
-        self,
-        cfg: DWNetCfg,
-        *,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        global_pool: str = "avg",
-        drop_rate: float = 0.0,
-        **overrides: Any,
-    ) -> None:
-        super().__init__(cfg, in_chans, num_classes, global_pool, drop_rate, overrides)
+    def __init__(self, cfg: DWNetCfg, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
         cfg = self.cfg
         self.stem = PatchEmbed(
-            None, 4, in_chans, cfg.dims[0], norm_layer=nn.LayerNorm, output_fmt="NHWC", strict_img_size=False,
+            None, 4, self.in_chans, cfg.dims[0], norm_layer=nn.LayerNorm, output_fmt="NHWC", strict_img_size=False,
             dynamic_img_pad=True,
         )
         dp_rates = drop_path_rates(cfg.drop_path_rate, cfg.depths)
@@ -108,8 +99,7 @@ class DWNet(StagedNet):
             )
             for i, dim in enumerate(cfg.dims)
         ])
-        self.head = Head(cfg.dims[-1], 0, num_classes, global_pool, drop_rate=drop_rate)
-        self.head_hidden_size = self.head.hidden_dim
+        self._set_head(0)
         # official init: trunc-normal for the true Linear layers; the 1x1 convs (Linear here) keep
         # PyTorch's default, which is the same for a Conv2d and a Linear of that fan-in
         for module in self.modules():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbone import Block, ConvPosEmbed, Head, Stage, StagedNet, drop_path_rates
+from ..backbone import Block, ConvPosEmbed, Stage, StagedNet, drop_path_rates
 from ..configs import STViTCfg
 from ..layers import ChannelsLastBatchNorm
 from ..mixers import TokenMixer, create_mixer
@@ -96,23 +96,14 @@ class STViT(StagedNet):
 
     Args:
         cfg: the architecture (every field is documented in :class:`tokenmixers.configs.STViTCfg`).
-        in_chans, num_classes, global_pool, drop_rate: as in timm.
-        **overrides: config fields to change, e.g. ``drop_path_rate=0.1``.
+        **kwargs: timm's ``in_chans``, ``num_classes``, ``global_pool``, ``drop_rate`` and config fields to
+            change, e.g. ``drop_path_rate=0.1`` (see :class:`tokenmixers.backbone.StagedNet`).
     """
 
-    def __init__(
-        self,
-        cfg: STViTCfg,
-        *,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        global_pool: str = "avg",
-        drop_rate: float = 0.0,
-        **overrides: Any,
-    ) -> None:
-        super().__init__(cfg, in_chans, num_classes, global_pool, drop_rate, overrides)
+    def __init__(self, cfg: STViTCfg, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
         cfg = self.cfg
-        self.stem = ConvStem(in_chans, cfg.dims[0])
+        self.stem = ConvStem(self.in_chans, cfg.dims[0])
         dp_rates = drop_path_rates(cfg.drop_path_rate, cfg.depths)
         self._set_stages([
             Stage(
@@ -125,10 +116,7 @@ class STViT(StagedNet):
             )
             for i, dim in enumerate(cfg.dims)
         ])
-        self.head = Head(
-            cfg.dims[-1], cfg.head_dim, num_classes, global_pool, drop_rate=drop_rate, proj_bias=True, act_layer=nn.SiLU
-        )
-        self.head_hidden_size = self.head.hidden_dim
+        self._set_head(cfg.head_dim, proj_bias=True, act_layer=nn.SiLU)
         self._init_weights(self.head.fc)  # official init: trunc-normal Linear; the 1x1 convs keep PyTorch's default
 
     def _attention(self, stage: int, block: int) -> TokenMixer:
