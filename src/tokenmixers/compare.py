@@ -134,7 +134,7 @@ def compare(
         macs = count_macs(model, (bench_size, bench_size))
         speed = measure_speed(model, batch_size=bench_batch, input_size=(bench_size, bench_size), iters=3)
         rows.append({
-            "model": name, "mixer": model.mixer, "params_m": count_params(model) / 1e6,
+            "model": name, "mixer": getattr(model, "mixer", type(model).__name__), "params_m": count_params(model) / 1e6,
             "macs_g": macs["macs"] / 1e9, "throughput": speed["throughput"],
             "top1": top1.mean, "top1_std": top1.std, "top1_low": top1.low, "top1_high": top1.high,
             "top5": acc5.mean, "top5_low": acc5.low, "top5_high": acc5.high,
