@@ -4,7 +4,7 @@
 (``resume=auto``: an interrupted comparison continues where it stopped, finished runs are not
 trained again), classifies every validation image with the final weights (EMA weights when the
 recipe keeps an EMA; ``predictions.npz`` in the run folder), measures params, MACs and inference
-throughput, and writes ``report.md``, ``results.json``/``results.csv`` and four plots: accuracy
+throughput, and writes ``report.md``, ``results.json``/``results.csv``, ``pairs.json`` and four plots: accuracy
 with 95 % intervals, accuracy vs MACs, accuracy vs throughput, training curves.
 
 The report ranks the models by top-1, gives every accuracy its 95 % interval and tests, image by
@@ -26,7 +26,7 @@ import torch
 
 from .augment import build_transform
 from .bench import count_macs, count_params, measure_speed, resolve_models
-from .checkpoint import checkpoint_classes, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import build_config, parse_overrides
 from .configs import PAPER_FAMILIES
 from .data import ImageDataset, build_dataset
@@ -70,8 +70,10 @@ def predict(run: Path, cfg: Mapping[str, Any], val: ImageDataset, reuse: bool = 
         with np.load(path) as cached:
             if np.array_equal(cached["labels"], labels):
                 return cached["top5"]
+    import yaml
+
     checkpoint = run / "last.pth"
-    num_classes = checkpoint_classes(checkpoint)
+    num_classes = yaml.safe_load((run / "config.yaml").read_text())["resolved"]["num_classes"]
     device = init_distributed(cfg["device"]).device
     model = create_model(cfg["model"], num_classes=num_classes)
     load_checkpoint(model, checkpoint, entry="ema" if cfg["ema"] else "auto")
@@ -212,7 +214,7 @@ def _noise_summary(rows: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[st
 def _write_report(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], output: Path, recipe: Any,
                   overrides: Mapping[str, Any], cfg: Mapping[str, Any], num_val: int, weights: str,
                   bench_size: int, bench_batch: int) -> Path:
-    """report.md, results.json/.csv and the plots."""
+    """report.md, results.json/.csv, pairs.json and the plots."""
     seeds = [r["seed"] for r in rows[0]["runs"]]
     several = len(seeds) > 1
     accuracy_table = [
@@ -279,7 +281,8 @@ def _write_report(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], outpu
     output.mkdir(parents=True, exist_ok=True)
     report = output / "report.md"
     atomic_write_text(report, text)
-    atomic_write_text(output / "results.json", json.dumps({"models": rows, "pairs": pairs}, indent=2))
+    atomic_write_text(output / "results.json", json.dumps(rows, indent=2))
+    atomic_write_text(output / "pairs.json", json.dumps(pairs, indent=2))
     atomic_write_csv(output / "results.csv", [{k: v for k, v in r.items() if k != "runs"} for r in rows])
     return report
 
