@@ -18,8 +18,6 @@ import torch
 
 from tokenmixers import CheckpointError, load_checkpoint, load_pretrained, save_pretrained
 
-from .conftest import PAPER_MODELS
-
 DATA = Path(__file__).parent / "data" / "stm_eval"
 
 
@@ -28,38 +26,39 @@ def _entries() -> dict[str, list]:
     return json.loads((DATA / "entries.json").read_text())
 
 
+def recipe_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The reference recipe's tensor for one official key (seeded by the key alone)."""
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
+    if key.endswith("running_var"):
+        t = 0.5 + torch.rand(shape, generator=g, dtype=torch.float64)
+    else:
+        r = torch.randn(shape, generator=g, dtype=torch.float64)
+        if key.endswith("running_mean"):
+            t = 0.1 * r
+        elif "gamma" in key.rsplit(".", 1)[-1]:
+            t = 1 + 0.1 * r
+        elif len(shape) <= 1:
+            t = 1 + 0.1 * r if key.endswith("weight") else 0.1 * r
+        else:
+            t = r / math.sqrt(math.prod(shape[1:]))
+    return t.to(dtype)
+
+
 def official_state_dict(name: str, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """The official-format weights of the reference recipe, re-created from the keys alone."""
-    state = {}
-    for key, shape in _entries()[name]:
-        g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
-        shape = tuple(shape)
-        if key.endswith("running_var"):
-            t = 0.5 + torch.rand(shape, generator=g, dtype=torch.float64)
-        else:
-            r = torch.randn(shape, generator=g, dtype=torch.float64)
-            if key.endswith("running_mean"):
-                t = 0.1 * r
-            elif "gamma" in key.rsplit(".", 1)[-1]:
-                t = 1 + 0.1 * r
-            elif len(shape) <= 1:
-                t = 1 + 0.1 * r if key.endswith("weight") else 0.1 * r
-            else:
-                t = r / math.sqrt(math.prod(shape[1:]))
-        state[key] = t.to(dtype)
-    return state
+    return {key: recipe_tensor(key, tuple(shape), dtype) for key, shape in _entries()[name]}
 
 
 def _relative(a: torch.Tensor, b: np.ndarray) -> float:
     return float((a.double() - torch.from_numpy(b)).abs().max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("name", PAPER_MODELS)
-def test_official_parity(name: str) -> None:
+def test_official_parity(official_weights: tuple[str, dict[str, torch.Tensor]]) -> None:
+    name, weights = official_weights
     with torch.device("meta"):
         model = timm.create_model(name)
     model = model.to_empty(device="cpu").double().eval()
-    report = load_checkpoint(model, {"model": official_state_dict(name)})
+    report = load_checkpoint(model, {"model": weights})
     assert report.source == "stm-eval" and not report.missing and not report.unexpected
     ref = np.load(DATA / f"{name}.npz")
     x = torch.from_numpy(np.load(DATA / "input_224.npy"))
