@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import re
+import shlex
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Optional, Sequence
@@ -25,6 +29,17 @@ def _size(text: str) -> tuple[int, int]:
     if len(parts) != 2 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected a size like 224 or 224x320, got {text!r}")
     return parts[0], parts[1]
+
+
+def _positive(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def _zoo_configs() -> ModuleType:
@@ -72,7 +87,12 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     """Benchmark models and write JSON/CSV/markdown."""
+    if args.out:
+        _output_folder(args.out, "--out")
     from tokenmixers.bench import benchmark, to_markdown, write_results
+    from tokenmixers.distributed import check_device
+
+    check_device(args.device)
 
     rows = benchmark(
         args.models,
@@ -92,21 +112,39 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"\nwrote {', '.join(map(str, paths))}")
 
 
+def _output_folder(path: str, option: str) -> Path:
+    """An output folder path must not name an existing file."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{option} {folder} is a file, not a folder; choose a folder path (it is created if missing)")
+    return folder
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     """Convert a checkpoint (e.g. an official one) into a ``save_pretrained`` folder."""
+    _output_folder(args.dst, "the destination")
     import tokenmixers
+    from tokenmixers.checkpoint import checkpoint_classes
 
-    model = tokenmixers.create_model(args.model, **({"num_classes": args.num_classes} if args.num_classes is not None else {}))
+    num_classes = args.num_classes if args.num_classes is not None else checkpoint_classes(args.src, args.entry)
+    model = tokenmixers.create_model(args.model, **({"num_classes": num_classes} if num_classes is not None else {}))
     report = tokenmixers.load_checkpoint(model, args.src, entry=args.entry, label_map=args.label_map)
     print(report)
     tokenmixers.save_pretrained(model, args.dst)
-    print(f"wrote {args.dst}/model.safetensors and {args.dst}/config.json")
+    print(f"wrote {args.dst}/model.safetensors and {args.dst}/config.json ({model.num_classes} classes)")
 
 
 def _run_overrides(args: argparse.Namespace) -> list[str]:
-    """``key=value`` overrides plus the shortcut flags (--model, --data, --output, --resume)."""
+    """``key=value`` overrides plus the shortcut flags (--model, --data, --output, --resume, --overwrite)."""
     extra = [f"{k}={getattr(args, k)}" for k in ("model", "data", "output", "resume") if getattr(args, k, None) is not None]
+    if getattr(args, "overwrite", False):
+        extra.append("overwrite=true")
     return extra + list(args.overrides)
+
+
+def _primary() -> bool:
+    """Whether this is process 0 of a torchrun / SLURM job (or not distributed)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -116,30 +154,47 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     recipe = args.recipe or (default_recipe(args.model) if args.model else "transformer")
     summary = train(recipe, _run_overrides(args))
-    print(f"top-1 {summary['top1']}, EMA top-1 {summary['ema_top1']}; summary in {summary['output']}/summary.json")
+    if _primary():
+        print(f"top-1 {summary['top1']}, EMA top-1 {summary['ema_top1']}; summary in {summary['output']}/summary.json")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Evaluate a checkpoint's raw and EMA weights."""
+    """Evaluate a checkpoint's raw and EMA weights, with the data settings of the run that wrote it."""
     import json
 
     from tokenmixers.training import evaluate_checkpoint
 
+    if args.checkpoint is None:
+        raise ValueError("no --checkpoint given: evaluating would measure random weights; pass --checkpoint FILE "
+                         "(a training checkpoint, an official checkpoint or a weights folder), or --checkpoint none "
+                         "to evaluate random weights on purpose")
+    checkpoint = None if args.checkpoint in ("none", "random") else args.checkpoint
     results = evaluate_checkpoint(
-        args.model, args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-        input_size=args.input_size, crop_pct=args.crop_pct, num_classes=args.num_classes, device=args.device,
-        precision=args.precision, workers=args.workers, label_map=args.label_map,
+        args.model, checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+        input_size=args.input_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
+        num_classes=args.num_classes, device=args.device, precision=args.precision, workers=args.workers,
+        label_map=args.label_map,
     )
+    settings, sources = results.pop("settings"), results.pop("sources")
+    if not _primary():
+        return
+    origin = {src: [k for k, v in sources.items() if v == src] for src in ("checkpoint", "default", "data")}
+    said = "; ".join(f"{', '.join(keys)} from the {src if src != 'default' else 'defaults'}"
+                     for src, keys in origin.items() if keys)
+    print(f"{settings['model']} on {settings['data']}:{args.split} at input {settings['input_size']}, crop_pct "
+          f"{settings['crop_pct']}, {settings['interpolation']}, {settings['num_classes']} classes"
+          + (f" ({said})" if said else ""))
     for label, metrics in results.items():
         print(f"{label:4s} top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  ({metrics['count']} images)")
     if args.out:
         from tokenmixers.files import atomic_write_text
 
-        atomic_write_text(args.out, json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps({**results, "settings": settings}, indent=2))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """Train and evaluate several models under one recipe; write one report."""
+    _output_folder(args.output, "--output")
     from tokenmixers.compare import compare
 
     result = compare(args.models or None, recipe=args.recipe, overrides=args.overrides, output=args.output,
@@ -159,11 +214,13 @@ def _checkpoints(args: argparse.Namespace) -> Optional[list[Optional[str]]]:
 
 def cmd_erf(args: argparse.Namespace) -> None:
     """Effective receptive fields per stage."""
+    _output_folder(args.out, "--out")
     from tokenmixers.analysis.erf import run_erf
+    from tokenmixers.distributed import check_device
 
     results = run_erf(args.models, args.images, _checkpoints(args), limit=args.num_images, input_size=args.input_size,
-                      stages=args.stages, batch_size=args.batch_size, device=args.device, out=args.out,
-                      layer_scale=args.layer_scale)
+                      stages=args.stages, batch_size=args.batch_size, device=check_device(args.device), out=args.out,
+                      layer_scale=args.layer_scale, method=args.method)
     for name, r in results.items():
         erf50 = ", ".join(f"stage {s + 1}: {m['erf@0.5']:.3f}" for s, m in r["stages"].items())
         print(f"{name} ({r['weights']}): ERF@0.5 {erf50}")
@@ -172,11 +229,14 @@ def cmd_erf(args: argparse.Namespace) -> None:
 
 def cmd_invariance(args: argparse.Namespace) -> None:
     """Translation / rotation / scale invariance."""
+    _output_folder(args.out, "--out")
     from tokenmixers.analysis.invariance import run_invariance
 
     results = run_invariance(args.models, args.data, args.kinds, _checkpoints(args), limit=args.num_images,
                              batch_size=args.batch_size, input_size=args.input_size, crop_pct=args.crop_pct,
                              align=args.align, seed=args.seed, device=args.device, out=args.out)
+    if not _primary():
+        return
     for name, rows in results.items():
         worst = min(rows, key=lambda r: r["consistency"])
         print(f"{name}: lowest consistency {worst['consistency']:.1f}% ({worst['kind']} {worst['strength']})")
@@ -188,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmixers", description=__doc__)
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="import a Python module or file first (e.g. one that registers your mixer); repeatable")
+    parser.add_argument("--traceback", action="store_true", help="on an error, also print the Python traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered models (or mixers)")
@@ -199,13 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="params, MACs, throughput, latency and memory of models")
     p.add_argument("models", nargs="+", help="model names or globs, e.g. 'unified_*_micro'")
     p.add_argument("--input-size", type=_size, default=(224, 224), help="H or HxW (default 224)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--iters", type=int, default=7, help="timed iterations (median is reported)")
+    p.add_argument("--iters", type=_positive, default=7, help="timed iterations (median is reported)")
     p.add_argument("--no-speed", action="store_true", help="only params and MACs")
     p.add_argument("--out", default=None, help="folder for bench.json / bench.csv / bench.md")
     p.set_defaults(func=cmd_bench)
@@ -215,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output folder")
     p.add_argument("--model", required=True, help="model name, e.g. unified_halo_tiny")
     p.add_argument("--entry", default="auto", help="'auto' (model, else state_dict, else bare), 'model', 'ema' or a key")
-    p.add_argument("--num-classes", type=int, default=None, help="build the model with this many classes")
+    p.add_argument("--num-classes", type=_positive, default=None,
+                   help="build the model with this many classes (default: the checkpoint's classifier)")
     p.add_argument("--label-map", default=None, help="file with one source class index per line")
     p.set_defaults(func=cmd_convert)
 
@@ -226,21 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data folder (class folders or meta/*.txt) or 'digits'")
     p.add_argument("--output", default=None, help="output folder (checkpoints, metrics, logs)")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output folder that holds a previous run (deletes its checkpoints)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's raw and EMA weights")
-    p.add_argument("--model", required=True)
-    p.add_argument("--checkpoint", default=None, help="training checkpoint, official checkpoint or weights folder")
-    p.add_argument("--data", required=True, help="data folder or 'digits'")
+    p.add_argument("--checkpoint", default=None,
+                   help="training checkpoint, official checkpoint or weights folder ('none': random weights)")
+    p.add_argument("--model", default=None, help="default: the model of the run that wrote the checkpoint")
+    p.add_argument("--data", default=None, help="data folder or 'digits' (default: the run's data)")
     p.add_argument("--split", default="val")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--crop-pct", type=float, default=0.875)
-    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's classifier")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--input-size", type=_positive, default=None, help="default: the run's, else 224")
+    p.add_argument("--crop-pct", type=float, default=None, help="default: the run's, else 0.875")
+    p.add_argument("--interpolation", default=None, help="default: the run's, else bicubic")
+    p.add_argument("--num-classes", type=_positive, default=None, help="default: the checkpoint's classifier")
     p.add_argument("--label-map", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=None, help="default: min(8, available CPUs)")
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -258,13 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help="tokenmixers or timm model names")
     p.add_argument("--images", default="digits", help="'digits', a dataset root (val split) or any image folder")
     p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
-    p.add_argument("--num-images", type=int, default=50, help="number of images")
+    p.add_argument("--num-images", type=_positive, default=50, help="number of images")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--stages", type=int, nargs="*", default=None, help="0-based stage indices (default: all)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--layer-scale", type=float, default=None,
                    help="random-weight models: set every layer-scale gamma (e.g. 1.0) so the mixers contribute")
+    p.add_argument("--method", choices=("abs", "replknet"), default="abs",
+                   help="abs: |gradient|, mass of the map; replknet: RepLKNet's relu(gradient), mass of log10(map + 1)")
     p.add_argument("--out", default="results/erf")
     p.set_defaults(func=cmd_erf)
 
@@ -274,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", default=["translation", "pre_rotation", "post_rotation", "scale"],
                    choices=["translation", "pre_rotation", "post_rotation", "scale"])
     p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
-    p.add_argument("--num-images", type=int, default=None, help="use the first N images")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-images", type=_positive, default=None, help="use the first N images")
+    p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--crop-pct", type=float, default=0.875)
     p.add_argument("--align", choices=["shift", "center"], default="shift",
@@ -301,11 +369,71 @@ def _import(name: str) -> None:
         sys.modules[path.stem] = module
         spec.loader.exec_module(module)
     else:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name.split(".")[0] and err.name != name:
+                raise  # the module exists but needs something that is missing
+            raise ModuleNotFoundError(f"--import {name}: no module of that name; give an importable module name or "
+                                      "the path of a .py file") from None
+
+
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"
+
+
+def _describe(err: BaseException) -> str:
+    """One paragraph for an error: its message; for an error raised in a DataLoader worker, the worker's own
+    message and where it was raised; for an unexpected error type, its type and location."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if _WORKER_TRACEBACK in text:  # torch re-raises a worker's error with the worker's whole traceback as text
+        caught, _, traceback = text.partition(_WORKER_TRACEBACK)
+        kind = caught.split()[1] if caught.startswith("Caught ") else type(err).__name__
+        found = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(kind)}: (.*)", traceback, flags=re.M | re.S))
+        message = found[-1].group(1).strip() if found else traceback.strip().splitlines()[-1]
+        frames = re.findall(r'File "([^"]+)", line (\d+)', traceback)
+        where = f" at {Path(frames[-1][0]).name}:{frames[-1][1]}" if frames else ""
+        return (f"{message} ({kind} in a data-loading worker{where}; run with workers=0 to get it in the main process, "
+                "with --traceback for the full traceback)")
+    expected = (ValueError, KeyError, OSError, ImportError)
+    if isinstance(err, expected) and text:
+        return text
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = f" at {Path(frame.tb_frame.f_code.co_filename).name}:{frame.tb_lineno}" if frame is not None else ""
+    first = text.strip().splitlines()[0] if text.strip() else "(no message)"
+    return f"{first} ({type(err).__name__}{where}; rerun with --traceback for the full traceback)"
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues an interrupted run: the same arguments with --resume auto."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--resume",):
+            skip = True
+        elif not (arg.startswith(("--resume=", "resume=", "overwrite=")) or arg == "--overwrite"):
+            kept.append(arg)
+    line = "tokenmixers " + " ".join(shlex.quote(a) for a in kept + ["--resume", "auto"])
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+        return f"the same launcher (torchrun / srun) with {line.removeprefix('tokenmixers ')}"
+    return line
+
+
+def _short_warning(message: Warning, category: type, filename: str, lineno: int, line: Optional[str] = None) -> str:
+    """Warnings as one line, without a source line of the library that raised them."""
+    return f"tokenmixers: warning: {message}\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Entry point of the ``tokenmixers`` command."""
+    """Entry point of the ``tokenmixers`` command.
+
+    Every error a user can cause ends in one paragraph on stderr (what, where, how to fix) and exit
+    code 2, without a traceback (``--traceback`` adds it). A run stopped by SIGINT/SIGTERM saves its
+    state and exits with 128 + the signal number and the command that resumes it.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come anywhere on the line, also after options
@@ -316,13 +444,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], None] = args.func
+    warnings.formatwarning = _short_warning
     try:
         for name in args.imports:
             _import(name)
         func(args)
-    except (KeyError, ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"tokenmixers {args.command}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"tokenmixers {args.command}: interrupted; nothing was saved after the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        from_run = type(err).__name__ == "Interrupted"  # tokenmixers.runs.Interrupted (not imported: torch-free)
+        if args.traceback:
+            import traceback
+
+            traceback.print_exc()
+        if from_run:
+            if _primary():
+                print(f"tokenmixers {args.command}: {err}; resume with: {_resume_command(argv)}", file=sys.stderr)
+            sys.exit(err.exit_code)
+        print(f"tokenmixers {args.command}: error: {_describe(err)}", file=sys.stderr)
         sys.exit(2)
 
 

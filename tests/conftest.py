@@ -45,3 +45,34 @@ def randomised(mixer: torch.nn.Module) -> torch.nn.Module:
         for p in mixer.parameters():
             p.normal_(0, 0.3)
     return mixer.double().eval()
+
+
+# a fast, fully deterministic run: the micro ConvNeXt (it has the head BatchNorm) on digits
+QUICK = {
+    "model": "unified_convnext_micro", "epochs": 2, "max_steps_per_epoch": 4, "batch_size": 32,
+    "deterministic": True, "threads": 1, "workers": 0, "log_every": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One short digits run shared by the tests that need a trained checkpoint: (run folder, summary)."""
+    from tokenmixers.training import train
+
+    out = tmp_path_factory.mktemp("train")
+    summary = train("digits", {**QUICK, "max_steps_per_epoch": 12, "deterministic": False, "threads": 0,
+                               "output": str(out)})
+    return out, summary
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """Run the command line in this process: (exit code, stdout, stderr)."""
+    import tokenmixers_cli
+
+    try:
+        tokenmixers_cli.main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

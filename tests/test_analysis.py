@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
@@ -25,6 +26,8 @@ from tokenmixers.analysis.invariance import (
     strengths,
 )
 from tokenmixers.data import DataError
+
+from .conftest import SHARED, cli
 
 
 class ConvStack(nn.Module):
@@ -117,6 +120,22 @@ def test_erf_of_unified_model_and_outputs(tmp_path: Path) -> None:
     assert "stage,erf@0.2" in (tmp_path / "erf_metrics.csv").read_text().splitlines()[0].replace("model,weights,", "")
 
 
+def test_erf_replknet_variant() -> None:
+    # RepLKNet: relu(grad) instead of |grad|; ERF@t on log10(map + 1), squares of side >= 3, share > t
+    model = ConvStack(2)
+    x = torch.randn(3, 3, 21, 21)
+    absolute, positive = erf_maps(model, [x])[1], erf_maps(model, [x], method="replknet")[1]
+    assert (positive <= absolute + 1e-12).all() and positive.sum() < absolute.sum()
+    rng = np.random.default_rng(1)
+    erf = 50 * rng.random((33, 33)) * np.exp(-((np.arange(33) - 16)[:, None] ** 2 + (np.arange(33) - 16)[None] ** 2) / 30)
+    data = np.log10(erf + 1)
+    for t in (0.2, 0.3, 0.5, 0.99):
+        side = next(2 * i + 1 for i in range(1, 16) if data[16 - i : 17 + i, 16 - i : 17 + i].sum() / data.sum() > t)
+        assert erf_at(erf, t, method="replknet") == side / 33
+    assert erf_at(erf, 0.5, method="replknet") > erf_at(erf, 0.5)  # the logarithm widens the field
+    assert erf_metrics(erf, method="replknet")["erf@0.5"] == erf_at(erf, 0.5, method="replknet")
+
+
 def test_erf_needs_intermediates() -> None:
     with pytest.raises(ValueError, match="has no forward_intermediates and no feature_info"):
         erf_maps(nn.Conv2d(3, 3, 3), [torch.randn(1, 3, 8, 8)])
@@ -163,6 +182,20 @@ def test_views_at_zero_strength_are_the_standard_view() -> None:
     black = views._finish(torch.zeros(3, 224, 224))  # so 48 rows are black (normalised) fill
     assert torch.equal(far[:, :48], black[:, :48]) and not torch.equal(far[:, 48], black[:, 48])
     assert torch.equal(far[:, 64:], standard[:, : 224 - 64])
+
+
+def test_center_alignment_is_the_official_window() -> None:
+    # the official crop spans L // 2 - 112 .. L // 2 + 112 of the resized side L; for L = 331 (3 mod 4) that is
+    # one row above torchvision's rounded centre crop, and clipped crops are re-centred with zero padding
+    image = Image.open(SHARED / "data" / "imagenet-mini" / "val" / "ILSVRC2012_val_00000098.JPEG")
+    views = Views(align="center")
+    resized = TF.to_tensor(TF.resize(image.convert("RGB"), 256, interpolation=TF.InterpolationMode.BICUBIC))
+    assert resized.shape[1:] == (331, 256)
+    official = resized[:, 165 - 112 : 165 + 112, 128 - 112 : 128 + 112]
+    assert torch.equal(views.translation(image, 0, 1), views._finish(official))
+    clipped = resized[:, 165 + 64 - 112 :, 128 - 112 : 128 + 112]  # 64 px down: 214 rows left, 5 black above
+    padded = torch.nn.functional.pad(clipped, (0, 0, 5, 5))
+    assert torch.equal(views.translation(image, 64, 0), views._finish(padded))
 
 
 def test_zero_strength_gives_full_consistency() -> None:
@@ -229,12 +262,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tokenmixers", *args], capture_output=True, text=True)
 
 
-def test_cli_errors_are_clear(tmp_path: Path) -> None:
-    missing = _cli("erf", "unified_halo_micro", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
-    assert missing.returncode == 2 and "image folder" in missing.stderr and "does not exist" in missing.stderr
+def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = cli(capsys, "erf", "unified_halo_micro", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "image folder" in err and "does not exist" in err
     (tmp_path / "empty").mkdir()
-    empty = _cli("invariance", "unified_halo_micro", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
-    assert empty.returncode == 2 and "contains no images" in empty.stderr
+    code, _, err = cli(capsys, "invariance", "unified_halo_micro", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "contains no images" in err
     plugin = tmp_path / "plain_models.py"
     plugin.write_text(
         "import torch\nfrom timm.models import register_model\n\n"
@@ -243,8 +276,8 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
         "    def forward(self, x):\n        return self.fc(x.mean((2, 3)))\n\n"
         "@register_model\ndef plain_net(pretrained=False, **kwargs):\n    return Plain()\n"
     )
-    plain = _cli("--import", str(plugin), "erf", "plain_net", "--num-images", "2", "--out", str(tmp_path / "o"))
-    assert plain.returncode == 2 and "has no forward_intermediates" in plain.stderr
+    code, _, err = cli(capsys, "--import", str(plugin), "erf", "plain_net", "--num-images", "2", "--out", str(tmp_path / "o"))
+    assert code == 2 and "has no forward_intermediates" in err
 
 
 def test_load_images_sources(tmp_path: Path) -> None:

@@ -70,8 +70,8 @@ def test_official_parity(official_weights: tuple[str, dict[str, torch.Tensor]]) 
         pre32 = model.forward_head(model.forward_features(x.float()), pre_logits=True)
         rel32 = max(_relative(model.head.fc(pre32), ref["logits"]), _relative(pre32, ref["pre_logits"]))
     print(f"{name}: max relative difference float64 {rel64:.2e}, float32 {rel32:.2e}")
-    assert rel64 <= 1e-9
-    assert rel32 <= 1e-4
+    assert rel64 <= 1e-13  # measured <= 2.3e-15 for all 20 models; a real difference is many orders larger
+    assert rel32 <= 1e-5  # measured <= 8e-7
 
 
 # -- file formats, entries and the timm paths --------------------------------------------------------

@@ -9,10 +9,12 @@ import torch
 
 import tokenmixers
 
-from .conftest import MICRO_MODELS, PAPER_MODELS
+from .conftest import MICRO_MODELS
 
 
-@pytest.mark.parametrize("name", PAPER_MODELS)
+# the four scales of a family run the same code: shapes and sizes are checked at micro scale (the parity
+# tests in test_checkpoint.py cover every scale)
+@pytest.mark.parametrize("name", MICRO_MODELS)
 def test_forward_backward_small(name: str) -> None:
     model = timm.create_model(name, num_classes=10)
     x = torch.randn(2, 3, 64, 48)
@@ -22,7 +24,7 @@ def test_forward_backward_small(name: str) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", PAPER_MODELS)
+@pytest.mark.parametrize("name", MICRO_MODELS)
 def test_any_input_size(name: str) -> None:
     model = timm.create_model(name).eval()
     for size in [(32, 32), (65, 97), (224, 224), (256, 320)]:
@@ -34,7 +36,7 @@ def test_any_input_size(name: str) -> None:
             assert torch.isfinite(f).all()
 
 
-@pytest.mark.parametrize("name", PAPER_MODELS)
+@pytest.mark.parametrize("name", MICRO_MODELS)
 def test_features_only(name: str) -> None:
     model = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3)).eval()
     assert model.feature_info.reduction() == [4, 8, 16, 32]
@@ -71,11 +73,22 @@ def test_timm_model_surface(name: str) -> None:
     assert groups["stem"] == r"^stem"
 
 
-def test_grad_checkpointing_trains() -> None:
-    model = timm.create_model("unified_halo_micro", num_classes=3)
-    model.set_grad_checkpointing()
-    model(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+@pytest.mark.parametrize("name", MICRO_MODELS)
+def test_grad_checkpointing_gives_the_same_gradients(name: str) -> None:
+    # training mode (batch statistics, recomputed forward): the loss and every gradient are those without it
+    model = timm.create_model(name, num_classes=3).double().train()
+    x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        loss = model(x).logsumexp(-1).sum()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, a), (loss_b, b) = grads
+    assert torch.equal(loss_a, loss_b)
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=1e-12, atol=1e-15), n
 
 
 def test_no_weight_decay_names() -> None:
@@ -131,6 +144,26 @@ def test_bad_input_is_clear(shape: tuple[int, ...], message: str) -> None:
     model = timm.create_model("unified_halo_micro")
     with pytest.raises(ValueError, match=message):
         model(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("dtype, message", [
+    (torch.float64, r"input is torch.float64 but the model's weights are torch.float32: convert the input"),
+    (torch.uint8, r"input is torch.uint8, the model needs floating-point images"),
+])
+def test_wrong_input_dtype_is_clear(dtype: torch.dtype, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("unified_convnext_micro").eval()(torch.zeros(1, 3, 32, 32, dtype=dtype))
+
+
+@pytest.mark.parametrize("name", ["unified_convnext_micro", "unified_idyn_dwconv_micro"])
+def test_single_sample_training_fails_clearly(name: str) -> None:
+    # at 32 px the last stage is 1x1: one sample gives the head's (and idyn_dwconv's) BatchNorm one value per channel
+    model = timm.create_model(name, num_classes=3)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="uses BatchNorm over the batch, so training needs more than one value per "
+                                         "channel: use at least 2 samples per process"):
+        model(x)
+    assert model.eval()(x).shape == (1, 3)
 
 
 def test_bad_config_is_clear() -> None:

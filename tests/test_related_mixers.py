@@ -211,17 +211,19 @@ def test_budget_matches_dwconv(family: str, scale: str) -> None:
     n = sum(p.numel() for p in model.parameters())
     assert abs(n / params - 1) <= 0.03, n
     if scale in ("micro", "tiny"):  # the larger models are checked by `tokenmixers bench` (README table)
-        measured = count_macs(timm.create_model(f"unified_{family}_{scale}"))["macs"]
+        measured = count_macs(model)["macs"]  # counted on the meta device: shapes only, no arithmetic
         assert abs(measured / macs - 1) <= 0.10, measured
 
 
 def test_table_vii_ablations() -> None:
     expected = {"unified_halo_small_switch": 9.45e9, "unified_halo_small_1px": 9.32e9, "unified_halo_small_shift": 9.75e9}
     for name, macs in expected.items():
-        model = timm.create_model(name)
+        with torch.device("meta"):
+            model = timm.create_model(name)
         assert abs(count_macs(model)["macs"] / macs - 1) <= 0.03, name
-    shift = timm.create_model("unified_halo_small_shift").stages[0].blocks[0].mixer
-    switch = timm.create_model("unified_halo_small_switch").stages[0].blocks
+    with torch.device("meta"):
+        shift = timm.create_model("unified_halo_small_shift").stages[0].blocks[0].mixer
+        switch = timm.create_model("unified_halo_small_switch").stages[0].blocks
     assert shift.query_offset == 0 and (switch[0].mixer.window, switch[1].mixer.window) == (7, 13)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,15 +18,11 @@ from PIL import Image
 
 from tokenmixers.config import apply_overrides, build_config, load_recipe
 from tokenmixers.data import DataError, build_dataset
-from tokenmixers.training import evaluate_checkpoint, lr_for, train
+from tokenmixers.hub import load_pretrained
+from tokenmixers.runs import RunError
+from tokenmixers.training import lr_for, resolve_workers, train
 
-from .conftest import SHARED
-
-# a fast, fully deterministic run: the micro ConvNeXt (it has the head BatchNorm) on digits
-QUICK = {
-    "model": "unified_convnext_micro", "epochs": 2, "max_steps_per_epoch": 4, "batch_size": 32,
-    "deterministic": True, "threads": 1, "workers": 0, "log_every": 1,
-}
+from .conftest import QUICK, SHARED, cli
 
 
 def _cli(*args: str) -> list[str]:
@@ -63,17 +61,23 @@ def test_overrides_are_checked() -> None:
         build_config("transformer", ["precision=fp64"])
     with pytest.raises(FileNotFoundError, match="recipe 'nope' not found; shipped recipes: cnn, defaults, digits"):
         load_recipe("nope")
+    for bad, message in [("epochs=0", "'epochs' must be >= 1, got 0"), ("epochs=-1", "'epochs' must be >= 1, got -1"),
+                         ("ckpt_every_steps=-2", "'ckpt_every_steps' must be >= 0"),
+                         ("input_size=8", "'input_size' must be >= 32, got 8"), ("reprob=1.5", "between 0 and 1"),
+                         ("workers=many", "'workers' must be a number, got 'many'"),
+                         ("opt_betas=[0.9", "the value is not valid YAML")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_config("transformer", [bad])
+
+
+def test_workers_follow_the_machine() -> None:
+    # unset, the loader uses at most the CPUs this process may run on (torch warns beyond that)
+    assert load_recipe("transformer")["workers"] is None
+    assert resolve_workers(None) == min(8, len(os.sched_getaffinity(0)))
+    assert resolve_workers(3) == 3
 
 
 # -- training and evaluation ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("train")
-    summary = train("digits", {**QUICK, "max_steps_per_epoch": 12, "deterministic": False, "threads": 0,
-                               "output": str(out)})
-    return out, summary
 
 
 def test_training_learns_digits(trained: tuple[Path, dict]) -> None:
@@ -89,18 +93,32 @@ def test_training_learns_digits(trained: tuple[Path, dict]) -> None:
     assert "lr 0.001 = 0.002 x global batch 32 / 64" in (out / "log.txt").read_text()
 
 
-def test_eval_reproduces_training_numbers(trained: tuple[Path, dict]) -> None:
+def test_eval_uses_the_runs_data_settings(trained: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:
+    # the run trained at 32 px with crop_pct 1.0: eval takes that (and the model, data, classes) from the checkpoint
     out, summary = trained
-    results = evaluate_checkpoint("unified_convnext_micro", str(out / "last.pth"), "digits", input_size=32,
-                                  crop_pct=1.0, workers=0)
-    assert results["raw"]["top1"] == pytest.approx(summary["top1"])
-    assert results["ema"]["top1"] == pytest.approx(summary["ema_top1"])
-    assert results["raw"]["count"] == 364
-    cli = subprocess.run(_cli("eval", "--model", "unified_convnext_micro", "--checkpoint", str(out / "last.pth"),
-                              "--data", "digits", "--input-size", "32", "--crop-pct", "1.0", "--workers", "0"),
-                         capture_output=True, text=True)
-    assert cli.returncode == 0, cli.stderr
-    assert f"raw  top-1 {summary['top1']:.2f}" in cli.stdout and f"ema  top-1 {summary['ema_top1']:.2f}" in cli.stdout
+    code, stdout, err = cli(capsys, "eval", "--checkpoint", str(out / "last.pth"), "--workers", "0")
+    assert code == 0, err
+    assert "unified_convnext_micro on digits:val at input 32, crop_pct 1.0, bicubic, 10 classes (model, data, " \
+           "input_size, crop_pct, interpolation, num_classes from the checkpoint)" in stdout
+    assert f"raw  top-1 {summary['top1']:.2f}" in stdout and f"ema  top-1 {summary['ema_top1']:.2f}" in stdout
+    assert "(364 images)" in stdout
+
+
+def test_convert_keeps_our_classifier(trained: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, summary = trained
+    code, stdout, err = cli(capsys, "convert", str(out / "last.pth"), str(tmp_path / "weights"),
+                            "--model", "unified_convnext_micro")
+    assert code == 0, err
+    assert "re-initialised" not in stdout and "(10 classes)" in stdout
+    model = load_pretrained(tmp_path / "weights")
+    saved = torch.load(out / "last.pth", weights_only=True)["model"]
+    assert model.num_classes == 10 and torch.equal(model.head.fc.weight, saved["head.fc.weight"])
+    # eval and convert agree: the converted weights score what the run scored
+    code, stdout, _ = cli(capsys, "eval", "--checkpoint", str(tmp_path / "weights"), "--model", "unified_convnext_micro",
+                          "--data", "digits", "--input-size", "32", "--crop-pct", "1", "--workers", "0")
+    assert code == 0 and f"raw  top-1 {summary['top1']:.2f}" in stdout
+    assert "at input 32, crop_pct 1.0, bicubic, 10 classes (num_classes from the checkpoint; interpolation from " \
+           "the defaults)" in stdout  # what it was not told, it says where it took from
 
 
 def test_list_file_layout_trains(tmp_path: Path) -> None:
@@ -163,15 +181,20 @@ def test_bad_data_fails_before_training(tmp_path: Path, setup: str, message: str
         (root / "train").rename(root / "training")
     with pytest.raises(DataError, match=message):
         train("digits", overrides)
-    assert not (tmp_path / "out" / "last.pth").exists()
+    assert not (tmp_path / "out").exists()  # rejected before the run folder is created
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path: Path) -> None:
     root = _digit_folder(tmp_path / "data")
     (root / "train" / "class_2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
-        summary = train("digits", {**QUICK, "data": str(root), "batch_size": 19, "epochs": 1, "deterministic": False,
-                                   "max_steps_per_epoch": 0, "output": str(tmp_path / "out")})
+    run = subprocess.run(_cli("train", "--recipe", "digits", *_overrides(
+        data=str(root), batch_size=19, epochs=1, deterministic=False, max_steps_per_epoch=0, workers=1,
+        output=str(tmp_path / "out"))), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    # raised in a loader worker; one line, without a source line of torch or of the library
+    assert re.search(r"tokenmixers: warning: skipping unreadable image .*broken.png: [^\n]*\n", run.stderr)
+    assert "fetch.py" not in run.stderr and "warnings.warn" not in run.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["skipped_images"] == 1
     assert "1 unreadable image(s) skipped" in (tmp_path / "out" / "log.txt").read_text()
 
@@ -190,38 +213,95 @@ def _state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path) -> None:
-    args = _overrides(epochs=2, max_steps_per_epoch=8, ckpt_every_steps=2)
-    reference = subprocess.run(_cli("train", "--recipe", "digits", f"output={tmp_path / 'ref'}", *args),
-                               capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stderr
+@pytest.fixture(scope="module")
+def resume_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Two epochs of 8 steps with mid-epoch checkpoints, on 36 images (small: every run evaluates twice)."""
+    data = _digit_folder(tmp_path_factory.mktemp("digits") / "data", classes=3, per_class=12)
+    return _overrides(data=str(data), epochs=2, max_steps_per_epoch=8, ckpt_every_steps=2, batch_size=4)
 
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", "--recipe", "digits", f"output={out}", *args),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (out / "last.pth").is_file() and _state(out / "last.pth")["batch_in_epoch"] > 0:
-            break  # a mid-epoch checkpoint exists: kill the run while it is inside the epoch
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "summary.json").exists()
-    interrupted_at = _state(out / "last.pth")
-    assert interrupted_at["epoch"] == 0 and 0 < interrupted_at["batch_in_epoch"] < 8
 
-    resumed = subprocess.run(_cli("train", "--recipe", "digits", f"output={out}", "--resume", "auto", *args),
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, resume_args: list[str]) -> Path:
+    """An uninterrupted deterministic run that the interrupted ones must reproduce exactly."""
+    out = tmp_path_factory.mktemp("reference")
+    run = subprocess.run(_cli("train", "--recipe", "digits", f"output={out}", *resume_args), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def _start_and_signal(out: Path, signum: int, resume_args: list[str]) -> subprocess.Popen:
+    """Start the run and send ``signum`` once it is inside the first epoch.
+
+    SIGKILL waits for the first mid-epoch checkpoint (nothing is saved after it); the others go as
+    soon as the log shows the first step.
+    """
+    with open(out.parent / f"{out.name}.stderr", "w") as err:  # a file: a full pipe would stall the run
+        proc = subprocess.Popen(_cli("train", "--recipe", "digits", f"output={out}", *resume_args),
+                                stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if signum == signal.SIGKILL:
+            if (out / "last.pth").is_file() and _state(out / "last.pth")["batch_in_epoch"] > 0:
+                break
+        elif (out / "log.txt").is_file() and "epoch 0, batch 1/8, step 1:" in (out / "log.txt").read_text():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    return proc
+
+
+def _resume_and_compare(out: Path, reference: Path, resume_args: list[str]) -> None:
+    resumed = subprocess.run(_cli("train", "--recipe", "digits", f"output={out}", "--resume", "auto", *resume_args),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in (out / "log.txt").read_text()
-    a, b = _state(tmp_path / "ref" / "last.pth"), _state(out / "last.pth")
+    a, b = _state(reference / "last.pth"), _state(out / "last.pth")
     assert a["step"] == b["step"] == 16
     for entry in ("model", "model_ema"):
         for key, value in a[entry].items():
             assert torch.equal(value, b[entry][key]), f"{entry}.{key}"
     assert json.loads((out / "summary.json").read_text())["top1"] == json.loads(
-        (tmp_path / "ref" / "summary.json").read_text())["top1"]
+        (reference / "summary.json").read_text())["top1"]
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path, reference: Path, resume_args: list[str]) -> None:
+    out = tmp_path / "run"
+    proc = _start_and_signal(out, signal.SIGKILL, resume_args)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists()
+    interrupted_at = _state(out / "last.pth")
+    assert interrupted_at["epoch"] == 0 and 0 < interrupted_at["batch_in_epoch"] < 8
+    _resume_and_compare(out, reference, resume_args)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_and_tells_how_to_resume(tmp_path: Path, reference: Path, resume_args: list[str],
+                                                 signum: int) -> None:
+    # Ctrl-C (SIGINT) and a scheduler's SIGTERM: save at the next step boundary, one line, then resume exactly
+    out = tmp_path / "run"
+    proc = _start_and_signal(out, signum, resume_args)
+    proc.wait(timeout=300)
+    err = (tmp_path / "run.stderr").read_text()
+    assert proc.returncode == 128 + signum, err
+    name = signal.Signals(signum).name
+    message = [line for line in err.splitlines() if line.startswith("tokenmixers train:")]
+    assert len(message) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(rf"tokenmixers train: stopped by {name} at epoch 0, step \d+; the run is saved in "
+                        rf"{re.escape(str(out / 'last.pth'))}; resume with: tokenmixers train --recipe digits "
+                        rf"output={re.escape(str(out))} .* --resume auto", message[0]), message[0]
+    saved = _state(out / "last.pth")
+    assert saved["epoch"] == 0 and 0 < saved["batch_in_epoch"] < 8 and saved["step"] == saved["batch_in_epoch"]
+    assert not (out / ".lock").exists()
+    _resume_and_compare(out, reference, resume_args)
+    # the resumed epoch's metrics cover the whole epoch, not just the part after the interruption
+    ours, theirs = (out / "metrics.csv").read_text().splitlines(), (reference / "metrics.csv").read_text().splitlines()
+    rows = [dict(zip(ours[0].split(","), line.split(","))) for line in ours[1:]]
+    ref_rows = [dict(zip(theirs[0].split(","), line.split(","))) for line in theirs[1:]]
+    for row, ref_row in zip(rows, ref_rows):
+        assert float(row["train_loss"]) == pytest.approx(float(ref_row["train_loss"]), rel=1e-9)
+        assert row["top1"] == ref_row["top1"]
+    assert float(rows[0]["epoch_time_s"]) > saved["epoch_time"] > 0
 
 
 # -- distributed ----------------------------------------------------------------------------------------
@@ -241,6 +321,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env,
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("summary in") == 1  # the final line comes from process 0 only
     log = (tmp_path / "two" / "log.txt").read_text()
     assert "2 process(es)" in log and "global batch 32" in log
     a, b = _state(tmp_path / "one" / "last.pth"), _state(tmp_path / "two" / "last.pth")
@@ -275,10 +356,127 @@ def test_slurm_launch_without_torchrun(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
 
 
-def test_bf16_and_gradient_accumulation_on_cpu(tmp_path: Path) -> None:
-    summary = train("digits", {**QUICK, "precision": "bf16", "accum_steps": 2, "batch_size": 16, "epochs": 1,
-                               "max_steps_per_epoch": 3, "channels_last": True, "grad_checkpointing": True,
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_and_gradient_accumulation_on_cpu(tmp_path: Path, precision: str) -> None:
+    summary = train("digits", {**QUICK, "precision": precision, "accum_steps": 2, "batch_size": 16, "epochs": 1,
+                               "max_steps_per_epoch": 2, "channels_last": True, "grad_checkpointing": True,
                                "output": str(tmp_path)})
-    assert summary["steps"] == 3 and summary["global_batch"] == 32
-    assert "precision bf16" in (tmp_path / "log.txt").read_text()
+    assert summary["steps"] == 2 and summary["global_batch"] == 32
+    assert f"precision {precision}" in (tmp_path / "log.txt").read_text()
     assert np.isfinite(summary["history"][0]["train_loss"])
+    state = _state(tmp_path / "last.pth")
+    assert (state["scaler"] is not None) == (precision == "fp16")  # fp16 trains with a grad scaler
+
+
+def test_compiled_training_step(tmp_path: Path) -> None:
+    # compile=true: torch.compile of the training forward (a one-block-per-stage model keeps the compilation short)
+    from tokenmixers import ModelCfg, register_model_cfg
+
+    register_model_cfg("unified_dwconv_test_compile", ModelCfg("dwconv", depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)))
+    summary = train("digits", {**QUICK, "model": "unified_dwconv_test_compile", "compile": True, "epochs": 1,
+                               "max_steps_per_epoch": 2, "batch_size": 8, "ema": False, "output": str(tmp_path)})
+    assert summary["steps"] == 2 and np.isfinite(summary["history"][0]["train_loss"])
+
+
+# -- run folders -----------------------------------------------------------------------------------------
+
+
+def test_run_folder_is_never_silently_reused(tmp_path: Path) -> None:
+    quick = {**QUICK, "epochs": 1, "max_steps_per_epoch": 1, "batch_size": 8, "output": str(tmp_path)}
+    train("digits", quick)
+    first = (tmp_path / "log.txt").read_text()
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    with pytest.raises(RunError, match="already holds a finished run; continue it with --resume auto"):
+        train("digits", quick)
+    # another live run holds the folder: refused, nothing touched
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "since": "now"}))
+        with pytest.raises(RunError, match=rf"in use by another run \(process {holder.pid} "):
+            train("digits", {**quick, "resume": "auto"})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != ".lock"} == before
+    # overwrite starts over (the stale lock of the dead holder is taken over with a note)
+    train("digits", {**quick, "overwrite": True, "seed": 1})
+    log = (tmp_path / "log.txt").read_text()
+    assert first not in log and "took over the lock of process" in log and "overwrite: removed the previous run's" in log
+    assert sorted(p.name for p in tmp_path.glob("epoch_*.pth")) == ["epoch_0001.pth"]
+    with pytest.raises(RunError, match="resume and overwrite were both set"):
+        train("digits", {**quick, "overwrite": True, "resume": "auto"})
+
+
+def test_resume_auto_without_a_checkpoint_says_so(tmp_path: Path) -> None:
+    # list files whose largest label is 5000 make a 5001-class model: the log says why
+    root = tmp_path / "data"
+    _digit_folder(root, classes=2)
+    (root / "meta").mkdir()
+    for split in ("train", "val"):
+        (root / "meta" / f"{split}.txt").write_text("".join(f"class_{c}/{i}.png {5000 * c}\n" for c in (0, 1) for i in range(4)))
+    train("digits", {**QUICK, "data": str(root), "epochs": 1, "max_steps_per_epoch": 1, "batch_size": 4,
+                     "resume": "auto", "output": str(tmp_path / "out")})
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert f"resume=auto: nothing to resume in {tmp_path / 'out'} (no last.pth); starting a new run" in log
+    assert "5001 classes, inferred from the data (the largest label is 5000 but only 2 distinct labels occur" in log
+
+
+def test_resume_with_another_models_checkpoint_is_clear(trained: tuple[Path, dict], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    code, _, err = cli(capsys, "train", "--recipe", "digits", "--model", "unified_halo_micro", "--resume",
+                       str(trained[0] / "last.pth"), "--output", str(tmp_path), "workers=0")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"error: {trained[0] / 'last.pth'} is a checkpoint of unified_convnext_micro, but this run trains " \
+           "unified_halo_micro; resume with --model unified_convnext_micro" in err
+
+
+# -- the paper's recipes on real images ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["transformer", "cnn"])
+def test_recipe_augmentation_survives_thousands_of_real_images(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # RandAugment m9-mstd0.5 reaches the top magnitude, where posterize keeps 0 bits (Pillow 13 raises there)
+    from tokenmixers import augment
+
+    zero_bits, posterize = [], augment.posterize
+
+    def counting_posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+        zero_bits.append(bits_to_keep <= 0)
+        return posterize(img, bits_to_keep, **kwargs)
+
+    monkeypatch.setattr(augment, "posterize", counting_posterize)
+    cfg = build_config(recipe, ["input_size=32"])  # the recipe's augmentation, at a size that keeps this fast
+    assert cfg["auto_augment"] == "rand-m9-mstd0.5-inc1" and cfg["reprob"] == 0.25
+    transform = augment.build_transform(cfg, training=True)
+    images = [Image.open(p).convert("RGB") for p in sorted((SHARED / "data" / "imagenet-mini").glob("*/*.JPEG"))]
+    for image in images:
+        image.thumbnail((128, 128))
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    for i in range(5000):
+        out = transform(images[i % len(images)])
+        assert out.shape == (3, 32, 32)
+    assert sum(zero_bits) >= 1, "the top magnitude was never drawn: the test would not have caught the crash"
+
+
+def test_posterize_at_zero_bits_is_black_as_the_official_pipeline() -> None:
+    # Pillow < 13 kept 0 bits as the mask ~(2**8 - 1): every value becomes 0
+    from timm.data.auto_augment import LEVEL_TO_ARG
+
+    from tokenmixers.augment import posterize
+
+    assert LEVEL_TO_ARG["PosterizeIncreasing"](10.0, {}) == (0,)  # magnitude 10 (clipped) keeps 0 bits
+    image = Image.open(SHARED / "data" / "imagenet-mini" / "val" / "ILSVRC2012_val_00000098.JPEG").convert("RGB")
+    assert np.asarray(posterize(image, 0)).max() == 0
+    assert np.array_equal(np.asarray(posterize(image, 2)), np.asarray(image) & 0b11000000)
+    assert posterize(image, 8) is image
+
+
+@pytest.mark.parametrize("recipe, model", [("transformer", "unified_halo_micro"), ("cnn", "unified_convnext_micro")])
+def test_paper_recipe_trains_on_real_images(tmp_path: Path, recipe: str, model: str) -> None:
+    # the whole recipe (RandAugment, mixup, cutmix, erasing, label smoothing, EMA) in a loader worker
+    summary = train(recipe, {"model": model, "data": str(SHARED / "data" / "imagenet-mini"), "epochs": 1,
+                             "batch_size": 2, "workers": 1, "output": str(tmp_path)})
+    assert summary["steps"] == 1 and np.isfinite(summary["history"][0]["train_loss"])
+    assert summary["history"][0]["val_images"] == 8

@@ -10,7 +10,7 @@ import torch
 import tokenmixers
 from tokenmixers.zoo import MODEL_CFGS
 
-from .conftest import PAPER_MODELS
+from .conftest import PAPER_MODELS, ROOT
 
 # numel of model.parameters() of the official STM-Evaluation models
 OFFICIAL_PARAMS = {
@@ -95,3 +95,28 @@ def test_register_family_for_a_new_mixer() -> None:
         assert timm.is_model(f"unified_test_dw5_{scale}")
     model = timm.create_model("unified_test_dw5_micro")
     assert model.stages[0].blocks[0].mixer.dwconv.kernel_size == (5, 5)
+
+
+def _readme_rows() -> dict[str, list[str]]:
+    """The model zoo table of the README: name -> cells."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0].startswith("unified_") and len(cells) >= 4:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_readme_table_matches_counted_params_and_macs() -> None:
+    # micro models (the other scales count with the same code): params, MACs and the paper's convention
+    from tokenmixers.bench import count_macs
+
+    rows = {n: c for n, c in _readme_rows().items() if n.endswith("_micro")}
+    assert {f"unified_{f}_micro" for f in ("halo", "pvt", "swin", "convnext", "dcn_v3")} <= set(rows)
+    for name, cells in rows.items():
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        macs = count_macs(model)
+        counted = [f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}", f"{macs['macs'] / 1e9:.2f}",
+                   f"{macs['macs_paper'] / 1e9:.2f}"]
+        assert counted == cells[1:4], name

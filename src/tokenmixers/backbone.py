@@ -30,6 +30,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .configs import ModelCfg
+from .layers import check_batch_statistics
 from .mixers import TokenMixer, create_mixer
 
 MIN_INPUT_SIZE = 32
@@ -179,6 +180,8 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``(B, H, W, C)`` tokens -> logits ``(B, classes)`` (or pooled / unpooled features)."""
+        if isinstance(self.bn, nn.BatchNorm2d):
+            check_batch_statistics(self.training, x.shape[0] * x.shape[1] * x.shape[2], "the head")
         x = self.act(self.bn(self.proj(x).permute(0, 3, 1, 2)))  # NCHW view
         if self.global_pool == "avg":
             x = self.norm(x.mean((2, 3)))
@@ -374,6 +377,13 @@ class UnifiedNet(nn.Module):
                 f"input {x.shape[2]}x{x.shape[3]} is below the minimum size {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}; "
                 "resize or pad the images"
             )
+        weight = self.stem.conv1.weight
+        if not x.is_floating_point():
+            raise ValueError(f"input is {x.dtype}, the model needs floating-point images: convert and normalise them "
+                             "first (timm's transforms give float32, e.g. x.float() / 255 then normalise)")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"input is {x.dtype} but the model's weights are {weight.dtype}: convert the input "
+                             f"(x.to({weight.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
 
     def forward_intermediates(
         self,

@@ -169,6 +169,13 @@ def _pick_entry(obj: dict[str, Any], entry: str, where: str) -> tuple[StateDict,
     return {k.removeprefix("module."): v for k, v in tensors.items()}, chosen
 
 
+def checkpoint_classes(path: PathLike, entry: str = "auto") -> Optional[int]:
+    """The number of classes of a checkpoint's classifier (any supported layout), or None if it has none."""
+    weights, _ = to_tokenmixers(read_state_dict(path, entry)[0])
+    classifier = weights.get("head.fc.weight")
+    return int(classifier.shape[0]) if classifier is not None and classifier.ndim == 2 else None
+
+
 # -- comparing and adapting --------------------------------------------------------------------------
 
 

@@ -14,11 +14,21 @@ import yaml
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 # settings whose value may be null although the default is not
-NULLABLE = {"auto_augment", "color_jitter", "drop_path", "num_classes", "resume", "init_weights", "data"}
+NULLABLE = {"auto_augment", "color_jitter", "drop_path", "num_classes", "resume", "init_weights", "data", "workers"}
 CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "mixup_mode": ("batch", "pair", "elem"),
     "remode": ("pixel", "rand", "const"),
+}
+# (lowest, highest) allowed value of numeric settings; None: unbounded
+BOUNDS = {
+    "epochs": (1, None), "batch_size": (1, None), "accum_steps": (1, None), "lr": (0, None), "lr_batch": (1, None),
+    "warmup_epochs": (0, None), "warmup_lr": (0, None), "min_lr": (0, None), "weight_decay": (0, None),
+    "clip_grad": (0, None), "label_smoothing": (0, 0.999), "drop_path": (0, 0.999), "ema_decay": (0, 1),
+    "input_size": (32, None), "crop_pct": (0.01, None), "hflip": (0, 1), "reprob": (0, 1), "recount": (1, None),
+    "mixup": (0, None), "cutmix": (0, None), "mixup_prob": (0, 1), "mixup_switch_prob": (0, 1), "workers": (0, None),
+    "threads": (0, None), "eval_every": (1, None), "log_every": (1, None), "ckpt_every_steps": (0, None),
+    "keep_checkpoints": (1, None), "max_steps_per_epoch": (0, None), "num_classes": (1, None),
 }
 
 
@@ -34,7 +44,13 @@ def _read(name_or_path: Union[str, Path]) -> dict[str, Any]:
         path = RECIPE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"recipe {name_or_path!r} not found; shipped recipes: {', '.join(list_recipes())}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ValueError(f"recipe {path} is not valid YAML{line}: {getattr(err, 'problem', None) or err}; "
+                         "fix the file (settings are `key: value` lines)") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a mapping of settings")
     return data
@@ -67,7 +83,11 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like key=value (e.g. epochs=30)")
-        out[key.strip().replace("-", "_")] = _parse_value(value)
+        try:
+            out[key.strip().replace("-", "_")] = _parse_value(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                             "write lists as [a, b] and quote text with spaces") from None
     return out
 
 
@@ -109,10 +129,25 @@ def _same_type(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def check_bounds(config: Mapping[str, Any]) -> None:
+    """Numeric settings must lie in their range (:data:`BOUNDS`); raise ``ValueError`` naming the first that does not."""
+    for key, (low, high) in BOUNDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"setting {key!r} must be a number, got {value!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"between {low} and {high}"
+            raise ValueError(f"setting {key!r} must be {allowed}, got {value}; set another value in the recipe "
+                             f"or as the override {key}=...")
+
+
 def build_config(recipe: Union[str, Path] = "transformer", overrides: Union[Mapping[str, Any], Sequence[str], None] = None) -> dict[str, Any]:
-    """Load a recipe and apply overrides (a mapping or ``key=value`` strings)."""
+    """Load a recipe and apply overrides (a mapping or ``key=value`` strings); check types and ranges."""
     config = load_recipe(recipe)
     if overrides:
         parsed = parse_overrides(overrides) if not isinstance(overrides, Mapping) else dict(overrides)
         config = apply_overrides(config, parsed)
+    check_bounds(config)
     return config

@@ -17,6 +17,7 @@ processes); the epoch summary reports it.
 """
 from __future__ import annotations
 
+import itertools
 import random
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -183,33 +184,28 @@ def check_labels(dataset: ImageDataset, num_classes: int) -> None:
 # -- samplers ---------------------------------------------------------------------------------------
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffled (seed, epoch) order, sharded across processes, resumable mid-epoch.
+class EpochSampler(DistributedSampler):
+    """torch's ``DistributedSampler`` (shuffled by seed + epoch, tail dropped) that can start mid-epoch.
 
     Process r takes every world-th sample of a common permutation starting at r, so the samples of
-    one global step are the same whatever the number of processes; the tail that does not divide
-    is dropped. ``start`` skips the samples an interrupted run already consumed.
+    one global step are the same whatever the number of processes. ``start`` skips the samples an
+    interrupted run already consumed.
     """
 
-    def __init__(self, size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True) -> None:
-        self.size, self.rank, self.world, self.seed, self.shuffle = size, rank, world, seed, shuffle
-        self.epoch, self.start = 0, 0
+    def __init__(self, dataset: Dataset, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's order and the first sample (per process) to yield."""
-        self.epoch, self.start = epoch, start
+        super().set_epoch(epoch)
+        self.start = start
 
     def __len__(self) -> int:
-        return self.size // self.world - self.start
+        return super().__len__() - self.start
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
-        else:
-            order = list(range(self.size))
-        mine = order[self.rank :: self.world][: self.size // self.world]
-        return iter(mine[self.start :])
+        return itertools.islice(super().__iter__(), self.start, None)
 
 
 class ShardSampler(Sampler[int]):

@@ -10,11 +10,15 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
-from timm.utils.distributed import init_distributed_device_so
+from timm.utils import init_distributed_device
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,19 +52,56 @@ def _slurm_master_addr() -> None:
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
 
 
+def check_device(device: str) -> str:
+    """Resolve ``auto`` (cuda if available, else cpu) and refuse a device this machine does not have."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} was asked for but this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda or 'none'}); use device=cpu, or device=auto to take a GPU when there is one"
+            )
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the process group if launched by torchrun/SLURM; pick this process's device."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(device)
     _slurm_master_addr()
     if dist.is_initialized():
-        info = {"device": device, "global_rank": dist.get_rank(), "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
-                "world_size": dist.get_world_size()}
-        if device.startswith("cuda") and info["world_size"] > 1:
-            info["device"] = f"cuda:{info['local_rank']}"
+        info = SimpleNamespace(device=device, rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                               world_size=dist.get_world_size())
+        if device.startswith("cuda") and info.world_size > 1:
+            info.device = f"cuda:{info.local_rank}"
     else:
-        info = init_distributed_device_so(device)
-    return DistInfo(torch.device(info["device"]), info["global_rank"], info["local_rank"], info["world_size"])
+        info = SimpleNamespace(device=device)
+        init_distributed_device(info)  # fills rank, local_rank, world_size and this process's device
+    return DistInfo(torch.device(info.device), info.rank, info.local_rank, info.world_size)
+
+
+def on_primary(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on process 0 only; an error it raises is raised on every process (none waits forever)."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    result, error = None, None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, on every process
+            error = err
+    if distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = error or box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,6 +121,7 @@ def barrier() -> None:
         dist.barrier()
 
 
+# torch has no public base class for BatchNorm of any rank; _BatchNorm is what its own SyncBatchNorm extends
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics span every process, on any backend (CPU/gloo too).
 

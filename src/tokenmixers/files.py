@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Sequence
 
@@ -23,6 +24,25 @@ def atomic_write(path: os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def atomic_copy(src: os.PathLike, dst: os.PathLike) -> Path:
+    """Put a snapshot of ``src`` at ``dst`` atomically: a hard link where possible (no copy), else a copy.
+
+    A later atomic rewrite of ``src`` replaces its directory entry, so the link keeps the snapshot.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
 
 
 def atomic_write_text(path: os.PathLike, text: str) -> Path:

@@ -39,6 +39,16 @@ def window_merge(x: torch.Tensor, window: Union[int, tuple[int, int]], H: int, W
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
+def check_batch_statistics(training: bool, values_per_channel: int, where: str) -> None:
+    """BatchNorm in training needs more than one value per channel; say what to do instead of torch's
+    "Expected more than 1 value per channel"."""
+    if training and values_per_channel < 2:
+        raise ValueError(
+            f"{where} uses BatchNorm over the batch, so training needs more than one value per channel: use at least "
+            "2 samples per process (batch_size >= 2) or, for a single image, call model.eval()"
+        )
+
+
 def masked_value(dtype: torch.dtype) -> float:
     """The additive logit used for masked keys: the most negative finite value of ``dtype``."""
     return torch.finfo(dtype).min

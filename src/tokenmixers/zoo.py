@@ -125,7 +125,7 @@ def register_variant(name: str, base: str, **overrides: Any) -> None:
 
 
 def default_recipe(model: str) -> str:
-    """The paper's recipe for a model: ``cnn`` for DWConv/DCNv3 (batch 4096), else ``transformer``."""
+    """The paper's recipe for a model: ``cnn`` for the convolution families (batch 4096), else ``transformer``."""
     family = FAMILIES.get(MODEL_FAMILY.get(model, ""))
     return family.recipe if family else "transformer"
 

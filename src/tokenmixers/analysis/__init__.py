@@ -50,11 +50,12 @@ def load_model(
     import torch
     from timm.layers import LayerScale
 
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import checkpoint_classes, load_checkpoint
     from ..zoo import create_model
 
     torch.manual_seed(seed)
-    model = create_model(name)
+    classes = checkpoint_classes(checkpoint) if checkpoint else None  # keep a trained classifier, as eval does
+    model = create_model(name, **({"num_classes": classes} if classes else {}))
     if checkpoint:
         load_checkpoint(model, checkpoint)
         return model, str(checkpoint)

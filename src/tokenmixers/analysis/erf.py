@@ -1,16 +1,20 @@
 """Effective receptive fields (ERF) per stage.
 
-For a stage, the ERF map is the gradient of the stage output's centre position (summed over
-channels) with respect to the input image, in absolute value, summed over colour channels and
-accumulated over images (as in RepLKNet and the paper's Fig. 6). The model runs in eval mode.
-By default the channels pass a ReLU before the sum, as in RepLKNet's reference code: a stage
-output after a LayerNorm sums to a constant over channels, so a plain sum has (almost) no
-gradient; ``reduce="sum"`` gives the plain sum.
+What is computed, exactly. For a stage with output ``f`` (B, C, h, w), the scalar
+``s = sum_c relu(f[:, c, h // 2, w // 2])`` (``reduce="sum"``: without the ReLU) is differentiated
+with respect to the normalised input image ``x`` in eval mode. The map of one image is
+``sum_colour |ds/dx|`` (``method="abs"``, the default) or ``sum_colour relu(ds/dx)``
+(``method="replknet"``); the ERF map is its mean over the images. The ReLU on the channels follows
+RepLKNet's reference code: a stage output after a LayerNorm sums to a constant over channels, so a
+plain sum has (almost) no gradient.
 
-Metrics of a map: ``ERF@t`` is the side of the smallest square centred on the image centre whose
-share of the total gradient mass is at least ``t``, as a fraction of the input side (the paper
-reports ERF@0.5); the centre of mass's offset from the centre (pixels and fraction of the side)
-shows asymmetric fields such as the one of shifted windows.
+Metrics of a map. ``ERF@t`` is the side of the smallest square centred on pixel (H // 2, W // 2)
+whose share of the map's total mass is at least ``t``, as a fraction of the input side (the paper
+reports ERF@0.5). ``method="abs"`` measures the map itself. ``method="replknet"`` reproduces
+RepLKNet's ``analyze_erf.py``: positive gradients only, the mass measured on ``log10(map + 1)``
+(which compresses the large values near the centre and so gives wider fields), squares of side 3
+and more, share strictly above ``t``. The centre of mass's offset from the centre (pixels and
+fraction of the side) shows asymmetric fields such as the one of shifted windows.
 """
 from __future__ import annotations
 
@@ -23,6 +27,12 @@ import torch
 from torch import nn
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+METHODS = ("abs", "replknet")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"ERF method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
 def _intermediates(model: nn.Module, x: torch.Tensor, stages: Sequence[int]) -> list[torch.Tensor]:
@@ -57,11 +67,18 @@ def erf_maps(
     stages: Optional[Sequence[int]] = None,
     device: Union[str, torch.device] = "cpu",
     reduce: str = "relu_sum",
+    method: str = "abs",
 ) -> dict[int, np.ndarray]:
-    """Accumulated ERF map ``(H, W)`` per stage over batches of normalised images ``(B, 3, H, W)``."""
+    """Mean ERF map ``(H, W)`` per stage over batches of normalised images ``(B, 3, H, W)`` (see the module doc)."""
     if reduce not in ("relu_sum", "sum"):
         raise ValueError(f"reduce must be 'relu_sum' or 'sum', got {reduce!r}")
+    _check_method(method)
     count = num_stages(model) if stages is None or not hasattr(model, "forward_intermediates") else None
+    if stages is not None and getattr(model, "feature_info", None) is not None:
+        count = num_stages(model)
+        bad = [s for s in stages if not 0 <= s < count]
+        if bad:
+            raise ValueError(f"stage(s) {bad} do not exist: {type(model).__name__} has stages 0-{count - 1} (0-based)")
     stages = list(range(count)) if stages is None else list(stages)
     model = model.to(device).eval()
     totals: dict[int, torch.Tensor] = {}
@@ -73,17 +90,25 @@ def erf_maps(
             centre = f[:, :, f.shape[2] // 2, f.shape[3] // 2]
             centre = (centre.relu() if reduce == "relu_sum" else centre).sum()
             (grad,) = torch.autograd.grad(centre, x, retain_graph=i < len(stages) - 1)
-            contribution = grad.abs().sum(1).sum(0).double().cpu()  # samples are independent in eval mode
+            grad = grad.abs() if method == "abs" else grad.relu()
+            contribution = grad.sum(1).sum(0).double().cpu()  # samples are independent in eval mode
             totals[stage] = totals.get(stage, 0) + contribution
         seen += x.shape[0]
     if not seen:
         raise ValueError("no images were given")
-    return {s: t.numpy() for s, t in totals.items()}
+    return {s: (t / seen).numpy() for s, t in totals.items()}
 
 
-def erf_at(erf: np.ndarray, t: float) -> float:
-    """Side of the smallest centred square holding ``t`` of the mass, as a fraction of the input side."""
+def erf_at(erf: np.ndarray, t: float, method: str = "abs") -> float:
+    """Side of the smallest centred square holding ``t`` of the mass, as a fraction of the input side.
+
+    ``method="replknet"`` measures ``log10(erf + 1)`` with RepLKNet's rule (side >= 3, share > t;
+    NaN when no square up to radius ``H // 2 - 1`` qualifies, where RepLKNet returns None).
+    """
+    _check_method(method)
     H, W = erf.shape
+    if method == "replknet":
+        erf = np.log10(erf + 1)
     total = erf.sum()
     if total <= 0:
         return float("nan")
@@ -91,8 +116,11 @@ def erf_at(erf: np.ndarray, t: float) -> float:
     rows = np.abs(np.arange(H) - cy)[:, None]
     cols = np.abs(np.arange(W) - cx)[None, :]
     radius = np.maximum(rows, cols)  # Chebyshev distance: squares around the centre
-    mass = np.cumsum(np.bincount(radius.ravel(), weights=erf.ravel()))
-    r = int(np.searchsorted(mass / total, t - 1e-12))
+    share = np.cumsum(np.bincount(radius.ravel(), weights=erf.ravel())) / total
+    if method == "replknet":
+        hits = np.nonzero(share[1 : H // 2] > t)[0]
+        return (2 * (int(hits[0]) + 1) + 1) / H if len(hits) else float("nan")
+    r = int(np.searchsorted(share, t - 1e-12))
     return min(2 * r + 1, max(H, W)) / max(H, W)
 
 
@@ -106,11 +134,11 @@ def centre_of_mass_offset(erf: np.ndarray) -> tuple[float, float]:
     return float((erf.sum(1) * ys).sum() / total), float((erf.sum(0) * xs).sum() / total)
 
 
-def erf_metrics(erf: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, float]:
+def erf_metrics(erf: np.ndarray, thresholds: Sequence[float] = THRESHOLDS, method: str = "abs") -> dict[str, float]:
     """ERF@t for each threshold plus the centre-of-mass offset."""
     dy, dx = centre_of_mass_offset(erf)
     side = max(erf.shape)
-    out = {f"erf@{t:g}": erf_at(erf, t) for t in thresholds}
+    out = {f"erf@{t:g}": erf_at(erf, t, method) for t in thresholds}
     out.update(com_dy_px=dy, com_dx_px=dx, com_offset=math.hypot(dy, dx) / side)
     return out
 
@@ -130,7 +158,7 @@ def image_batches(dataset: Any, transform: Callable, batch_size: int = 16) -> It
         yield torch.stack(batch)
 
 
-def plot_erf(maps: dict[str, dict[int, np.ndarray]], path: Union[str, Path], title: str = "") -> Path:
+def plot_erf(maps: dict[str, dict[int, np.ndarray]], path: Union[str, Path], title: str = "", method: str = "abs") -> Path:
     """Log-scaled heatmaps ``maps[model][stage]``: a grid with a row per model and a column per stage."""
     import matplotlib
 
@@ -153,7 +181,7 @@ def plot_erf(maps: dict[str, dict[int, np.ndarray]], path: Union[str, Path], tit
             erf = maps[model][stage]
             rel = erf / max(erf.max(), 1e-30)
             image = ax.imshow(np.log10(rel + 1e-4), cmap="RdYlGn", vmin=-4, vmax=0)
-            ax.set_title(f"stage {stage + 1}: ERF@0.5 = {erf_at(erf, 0.5):.2f}", fontsize=8)
+            ax.set_title(f"stage {stage + 1}: ERF@0.5 = {erf_at(erf, 0.5, method):.2f}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(model.removeprefix("unified_"), fontsize=9)
     if image is not None:
@@ -178,11 +206,12 @@ def run_erf(
     device: str = "cpu",
     out: Union[str, Path] = "results/erf",
     layer_scale: Optional[float] = None,
+    method: str = "abs",
 ) -> dict[str, dict[str, Any]]:
     """ERF maps and metrics of several models on the same images; write ``.npz``, JSON, CSV and PNGs."""
     import json
 
-    from timm.data import create_transform
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
     from ..files import atomic_write, atomic_write_csv, atomic_write_text
     from . import load_images, load_model
@@ -195,18 +224,21 @@ def run_erf(
         model, weights = load_model(name, checkpoint, layer_scale)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         transform = create_transform(input_size, is_training=False, crop_pct=1.0, interpolation="bicubic",
-                                     mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)))
-        maps = erf_maps(model, image_batches(dataset, lambda im, t=transform: t(im.convert("RGB")), batch_size), stages, device)
+                                     mean=cfg.get("mean", IMAGENET_DEFAULT_MEAN), std=cfg.get("std", IMAGENET_DEFAULT_STD))
+        batches = image_batches(dataset, lambda im, t=transform: t(im.convert("RGB")), batch_size)
+        maps = erf_maps(model, batches, stages, device, method=method)
         all_maps[name] = maps
-        results[name] = {"weights": weights, "images": len(dataset), "input_size": input_size,
-                         "stages": {s: erf_metrics(m) for s, m in maps.items()}}
-        plot_erf({name: maps}, out / f"erf_{name}.png", title=f"{name} ({weights}, {len(dataset)} images)")
+        results[name] = {"weights": weights, "images": len(dataset), "input_size": input_size, "method": method,
+                         "stages": {s: erf_metrics(m, method=method) for s, m in maps.items()}}
+        plot_erf({name: maps}, out / f"erf_{name}.png", title=f"{name} ({weights}, {len(dataset)} images)",
+                 method=method)
     if len(models) > 1:
         weights = ", ".join(sorted({r["weights"] for r in results.values()}))
         for stage in sorted({s for maps in all_maps.values() for s in maps}):
             plot_erf({m: {stage: maps[stage]} for m, maps in all_maps.items() if stage in maps},
-                     out / f"erf_stage{stage + 1}.png", title=f"stage {stage + 1} ({weights})")
-        plot_erf(all_maps, out / "erf_grid.png", title=f"{weights}, {len(dataset)} images at {input_size}x{input_size}")
+                     out / f"erf_stage{stage + 1}.png", title=f"stage {stage + 1} ({weights})", method=method)
+        plot_erf(all_maps, out / "erf_grid.png", title=f"{weights}, {len(dataset)} images at {input_size}x{input_size}",
+                 method=method)
     arrays = {f"{m}/stage{s + 1}": a for m, maps in all_maps.items() for s, a in maps.items()}
     atomic_write(out / "erf_maps.npz", lambda f: np.savez_compressed(f, **arrays))
     atomic_write_text(out / "erf_metrics.json", json.dumps(results, indent=2))

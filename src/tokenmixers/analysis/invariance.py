@@ -7,8 +7,9 @@ bicubic; centre crop 224; normalise) and, per setting, a *variant*:
   s along one of 8 directions (drawn per image and setting from ``seed``; the official code draws
   only 7 of them), is clipped to the image and zero-filled (black, before normalisation). The
   clipped content keeps its true position in the window, so the view is the standard one shifted
-  by exactly s (the official code re-centred clipped crops, shifting them less);
-  ``align="center"`` reproduces that.
+  by exactly s (the official code re-centred clipped crops, shifting them less, and placed its
+  window at ``L // 2 - 112`` on a resized side L, one pixel above the rounded centre crop when
+  L is 3 mod 4); ``align="center"`` reproduces both.
 * ``pre_rotation`` / ``post_rotation``: 0, 5, ..., 90 degrees, bicubic, black fill, before or after
   the centre crop.
 * ``scale``: crop ratio r = 0.200, 0.325, ..., 1.950: resize the shorter side to int(224 / r), centre
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
@@ -50,8 +52,8 @@ def strengths(kind: str) -> list[float]:
 class Views:
     """The standard view and the variants of the protocol for one input size and normalisation."""
 
-    def __init__(self, input_size: int = 224, crop_pct: float = 0.875, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225), align: str = "shift") -> None:
+    def __init__(self, input_size: int = 224, crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, align: str = "shift") -> None:
         if align not in ("shift", "center"):
             raise ValueError(f"align must be 'shift' or 'center', got {align!r}")
         self.size, self.resize_to = input_size, int(input_size / crop_pct)
@@ -73,10 +75,14 @@ class Views:
         resized = TF.to_tensor(self._resized(image))
         _, H, W = resized.shape
         dy, dx = DIRECTIONS[direction]
-        top = int(round((H - self.size) / 2.0)) + dy * shift  # the centre crop's origin, moved
-        left = int(round((W - self.size) / 2.0)) + dx * shift
-        y0, y1 = max(top, 0), min(top + self.size, H)
-        x0, x1 = max(left, 0), min(left + self.size, W)
+        if self.align == "shift":  # the standard view's window (torchvision's centre crop rounds), moved
+            top, left, extent = int(round((H - self.size) / 2.0)), int(round((W - self.size) / 2.0)), self.size
+        else:  # official: +-size//2 around pixel (H // 2, W // 2), one row/column above the rounded
+            half = self.size // 2  # centre crop's origin when the resized side is 3 (mod 4)
+            top, left, extent = H // 2 - half, W // 2 - half, 2 * half
+        top, left = top + dy * shift, left + dx * shift
+        y0, y1 = max(top, 0), min(top + extent, H)
+        x0, x1 = max(left, 0), min(left + extent, W)
         canvas = torch.zeros(3, self.size, self.size)
         if y1 > y0 and x1 > x0:
             crop = resized[:, y0:y1, x0:x1]
@@ -241,7 +247,7 @@ def run_invariance(
     for name, checkpoint in zip(models, checkpoints or [None] * len(models)):
         model, weights = load_model(name, checkpoint, seed=seed)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
-        views = Views(input_size, crop_pct, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)), align)
+        views = Views(input_size, crop_pct, cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD), align)
         rows = []
         for kind in kinds:
             for record in invariance(model, dataset, kind, views=views, batch_size=batch_size, device=info.device,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import check_batch_statistics
 from . import register_mixer
 from .dwconv import ProjectedMixer
 
@@ -44,11 +45,7 @@ class DynamicDWConv(ProjectedMixer):
     def kernels(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B*C, 1, k, k)`` depth-wise kernels, one set per sample."""
         B, _, _, C = x.shape
-        if self.training and B == 1:
-            raise ValueError(
-                "dyn_dwconv's kernel generator uses BatchNorm over the batch, so training needs at least "
-                "2 samples per process; use a larger batch or call model.eval() for single images"
-            )
+        check_batch_statistics(self.training, B, "dyn_dwconv's kernel generator")
         context = self.act(self.bn(self.reduce(x.mean((1, 2)))))
         return self.expand(context).view(B * C, 1, self.kernel_size, self.kernel_size)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import check_batch_statistics
 from . import register_mixer
 from .dwconv import ProjectedMixer
 
@@ -74,6 +75,7 @@ class InhomogeneousDynamicDWConv(ProjectedMixer):
     def kernels(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, G, k*k)`` per-pixel kernels."""
         B, H, W, _ = x.shape
+        check_batch_statistics(self.training, B * H * W, "idyn_dwconv's kernel generator")
         hidden = self.reduce(x)
         hidden = self.act(self.bn(hidden.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         return self.expand(hidden).view(B, H, W, self.num_heads, self.kernel_size**2)

@@ -1,0 +1,106 @@
+"""The command line, in process: every failure a user can reach is one clear paragraph with exit code 2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import tokenmixers_cli
+from tokenmixers.data import DataError
+
+from .conftest import QUICK, cli
+
+TRAIN = ["train", "--recipe", "digits"] + [f"{k}={v}" for k, v in QUICK.items()]
+
+
+def _one_paragraph(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("tokenmixers ") and ": error: " in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("epochs=0", "setting 'epochs' must be >= 1, got 0"),
+    ("epochs=-1", "setting 'epochs' must be >= 1, got -1"),
+    ("ckpt_every_steps=-3", "setting 'ckpt_every_steps' must be >= 0, got -3"),
+    ("input_size=8", "setting 'input_size' must be >= 32, got 8"),
+])
+def test_bad_settings_fail_before_the_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture, setting: str,
+                                                 message: str) -> None:
+    code, _, err = cli(capsys, *TRAIN, f"output={tmp_path / 'out'}", setting)
+    _one_paragraph(code, err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli(capsys, *TRAIN, "--output", str(tmp_path / "file"))
+    _one_paragraph(code, err, "is a file, not a folder")
+    code, _, err = cli(capsys, "convert", "nowhere.pth", str(tmp_path / "file"), "--model", "unified_halo_micro")
+    _one_paragraph(code, err, f"the destination {tmp_path / 'file'} is a file, not a folder")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_asked_for_on_a_machine_without_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = cli(capsys, *TRAIN, f"output={tmp_path}", "device=cuda")
+    _one_paragraph(code, err, "device 'cuda' was asked for but this machine has no usable CUDA GPU", "device=cpu")
+    code, _, err = cli(capsys, "bench", "unified_halo_micro", "--device", "cuda", "--no-speed")
+    _one_paragraph(code, err, "no usable CUDA GPU")
+
+
+def test_malformed_yaml_recipe(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("extends: digits\nepochs: [3\nlr: 1e-3\n")
+    code, _, err = cli(capsys, "train", "--recipe", str(recipe))
+    _one_paragraph(code, err, f"recipe {recipe} is not valid YAML at line 3")
+
+
+def test_argument_checks(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        tokenmixers_cli.main(["bench", "unified_halo_micro", "--batch-size", "0"])
+    assert exit_.value.code == 2 and "expected a whole number >= 1, got 0" in capsys.readouterr().err
+    code, _, err = cli(capsys, "erf", "unified_halo_micro", "--stages", "7", "--num-images", "1", "--input-size", "32")
+    _one_paragraph(code, err, "stage(s) [7] do not exist: UnifiedNet has stages 0-3")
+    code, _, err = cli(capsys, "list", "foo*")
+    _one_paragraph(code, err, "no registered model matches 'foo*'")
+    code, _, err = cli(capsys, "--import", "no_such_plugin_module", "list")
+    _one_paragraph(code, err, "--import no_such_plugin_module: no module of that name")
+
+
+def test_eval_needs_a_checkpoint(capsys: pytest.CaptureFixture) -> None:
+    code, _, err = cli(capsys, "eval", "--model", "unified_halo_micro", "--data", "digits")
+    _one_paragraph(code, err, "no --checkpoint given: evaluating would measure random weights", "--checkpoint none")
+
+
+class _Broken(Dataset):
+    """A dataset whose items fail, as a user's damaged data does inside a loader worker."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        raise DataError(f"image {index} of /data/x is damaged; re-download it")
+
+
+def test_errors_in_loader_workers_are_unwrapped() -> None:
+    with pytest.raises(DataError) as caught:
+        next(iter(DataLoader(_Broken(), batch_size=2, num_workers=1)))
+    assert "Original Traceback" in str(caught.value)  # what torch gives: the worker's whole traceback as text
+    message = tokenmixers_cli._describe(caught.value)
+    assert message.startswith("image 0 of /data/x is damaged; re-download it (DataError in a data-loading worker at "
+                              "test_cli.py:")
+    assert "workers=0" in message and "Traceback" not in message and "\n" not in message
+
+
+def test_unexpected_errors_name_type_and_place(capsys: pytest.CaptureFixture) -> None:
+    try:
+        None.attribute  # noqa: B018
+    except AttributeError as err:
+        message = tokenmixers_cli._describe(err)
+    assert message.startswith("'NoneType' object has no attribute 'attribute' (AttributeError at test_cli.py:")
+    assert message.endswith("rerun with --traceback for the full traceback)")
+    code, _, err = cli(capsys, "--traceback", "eval", "--model", "unified_halo_micro", "--data", "digits")
+    assert code == 2 and "Traceback (most recent call last)" in err and "error: no --checkpoint given" in err

@@ -1,0 +1,116 @@
+"""Run folders: locking, reuse rules, full-state checkpoints, resume discovery, stop requests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmixers.runs import (
+    Interrupted,
+    RunError,
+    StopRequest,
+    claim_run,
+    restore_state,
+    resume_path,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
+
+
+def _lock_for(path: Path, pid: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ".lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "since": "earlier"}))
+
+
+def test_live_lock_refuses_and_stale_lock_is_taken_over(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock_for(tmp_path / "run", holder.pid)
+        with pytest.raises(RunError, match=rf"in use by another run \(process {holder.pid} on .*wait for it .*delete .*\.lock"):
+            claim_run(tmp_path / "run")
+    finally:
+        holder.kill()
+        holder.wait()
+    with claim_run(tmp_path / "run") as run:  # the holder is gone: its lock is stale
+        assert run.notes == [f"took over the lock of process {holder.pid}, which no longer runs"]
+        assert json.loads((tmp_path / "run" / ".lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_started_or_finished_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with claim_run(out):
+        for name in ("last.pth", "epoch_0000.pth", "metrics.csv", "log.txt"):
+            (out / name).write_text("x")
+        (out / "tensorboard").mkdir()
+        (out / "notes.md").write_text("mine")
+    with pytest.raises(RunError, match="already holds a started run; continue it with --resume auto .*--overwrite"):
+        claim_run(out)
+    assert not (out / ".lock").exists()  # a refused claim leaves no lock behind
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(RunError, match="already holds a finished run"):
+        claim_run(out)
+    with claim_run(out, resume=True) as run:
+        assert run.notes == [] and (out / "last.pth").exists()
+    with claim_run(out, overwrite=True) as run:
+        assert "removed the previous run's last.pth, metrics.csv, summary.json, log.txt, epoch_0000.pth, tensorboard/" \
+            in run.notes[0]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md"]  # files a run does not write are kept
+
+
+def test_output_that_is_a_file_is_clear(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunError, match="the output .*file is a file, not a folder"):
+        claim_run(tmp_path / "file")
+
+
+def test_resume_path(tmp_path: Path) -> None:
+    assert resume_path(None, tmp_path) == (None, None)
+    assert resume_path("auto", tmp_path) == (None, f"resume=auto: nothing to resume in {tmp_path} (no last.pth); "
+                                                   "starting a new run")
+    (tmp_path / "last.pth").write_bytes(b"")
+    assert resume_path("auto", tmp_path) == (tmp_path / "last.pth", None)
+    with pytest.raises(FileNotFoundError, match="resume checkpoint .*nope.pth does not exist"):
+        resume_path(str(tmp_path / "nope.pth"), tmp_path)
+
+
+def test_state_round_trip_and_mismatch(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    rng = rng_state()
+    save_state(tmp_path / "s.pth", {"model": model, "optimizer": optimizer, "ema": None}, step=7, rng=rng)
+    expected = torch.rand(3)
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    values = restore_state(tmp_path / "s.pth", {"model": fresh, "optimizer": fresh_opt, "ema": None})
+    assert values["step"] == 7 and torch.equal(fresh.weight, model.weight)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["momentum_buffer"],
+                       optimizer.state_dict()["state"][0]["momentum_buffer"])
+    set_rng_state(values["rng"])
+    assert torch.equal(torch.rand(3), expected)
+    with pytest.raises(RunError, match=r"does not fit this run's model \(2 shape\(s\) differ, e.g. weight: saved "
+                                       r"\(2, 3\) vs now \(5, 3\).*start a new run"):
+        restore_state(tmp_path / "s.pth", {"model": torch.nn.Linear(3, 5)})
+
+
+def test_stop_request_turns_signals_into_a_flag() -> None:
+    with StopRequest() as stop:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested() and stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second request stops at once
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    err = Interrupted(signal.SIGTERM, Path("out/last.pth"), 1, 12)
+    assert str(err) == "stopped by SIGTERM at epoch 1, step 12; the run is saved in out/last.pth"
+    assert err.exit_code == 143
