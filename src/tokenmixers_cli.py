@@ -278,6 +278,8 @@ def cmd_detect_train(args: argparse.Namespace) -> None:
     from tokenmixers.detection.train import train_detector
 
     summary = train_detector(args.recipe, _run_overrides(args))
+    if not _primary():
+        return
     for iou_type in ("bbox", "segm"):
         if summary.get(iou_type):
             print(_ap_line(iou_type, summary[iou_type]))
@@ -294,6 +296,8 @@ def cmd_detect_eval(args: argparse.Namespace) -> None:
     results = evaluate_checkpoint(args.checkpoint, args.data, model=args.model, split=args.split,
                                   batch_size=args.batch_size, device=args.device, precision=args.precision,
                                   workers=args.workers, limit=args.num_images, **sizes)
+    if not _primary():  # every process has the results; one prints and writes them
+        return
     for iou_type in ("bbox", "segm"):
         if iou_type in results:
             print(_ap_line(iou_type, results[iou_type]))
@@ -328,6 +332,8 @@ def cmd_detect_invariance(args: argparse.Namespace) -> None:
                                    limit=args.num_images, factors=args.factors, base_size=args.base_size,
                                    reference_score=args.reference_score, device=args.device, workers=args.workers,
                                    out=args.out)
+    if not _primary():
+        return
     for name, rows in results.items():
         worst = min(rows, key=lambda r: r["consistency"])
         print(f"{name}: lowest box consistency {worst['consistency']:.1f} at x{worst['factor']:g}")

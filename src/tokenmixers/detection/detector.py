@@ -266,6 +266,7 @@ def create_detector(
     max_size: int = 1333,
     rois_per_image: int = 512,
     fpn_channels: int = FPN_CHANNELS,
+    anchor_scale: float = 8.0,
     **backbone_kwargs: Any,
 ) -> Detector:
     """Mask R-CNN (mmdetection 2.x ``mask_rcnn_r50_fpn``) with the detection backbone of any model.
@@ -281,13 +282,15 @@ def create_detector(
         rois_per_image: RoIs sampled per training image for the heads (mmdet: 512).
         fpn_channels: width of the FPN, RPN and RoI heads (mmdet: 256). Fewer RoIs and a narrower
             FPN make a micro detector for small-data runs on a CPU.
+        anchor_scale: anchor side in units of the level's stride (mmdet's ``octave_base_scale``: 8,
+            i.e. 32-512 px); smaller suits small objects at a low resolution.
         **backbone_kwargs: ``ModelCfg`` fields or timm arguments, e.g. ``drop_path_rate=0.1``.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (object classes, background not counted), got {num_classes}")
     body = create_backbone(name, variant=variant, weights=backbone_weights, **backbone_kwargs)
     backbone = BackboneFPN(body, fpn_channels)
-    anchors = MMDetAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    anchors = MMDetAnchorGenerator(tuple((anchor_scale * s,) for s in (4, 8, 16, 32, 64)), ((0.5, 1.0, 2.0),) * 5)
     rpn = MMDetRPN(anchors, RPNHead(fpn_channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
                    positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
                    post_nms_top_n=dict(training=1000, testing=1000), nms_thresh=0.7)
@@ -302,7 +305,8 @@ def create_detector(
     sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
     transform = DetectionTransform(sizes, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD), size_divisible=32)
     config = dict(model=name, num_classes=num_classes, masks=masks, variant=variant, min_size=list(sizes),
-                  max_size=max_size, rois_per_image=rois_per_image, fpn_channels=fpn_channels, **backbone_kwargs)
+                  max_size=max_size, rois_per_image=rois_per_image, fpn_channels=fpn_channels,
+                  anchor_scale=anchor_scale, **backbone_kwargs)
     detector = Detector(backbone, rpn, roi_heads, transform, config)
     _init_like_mmdet(detector)
     return detector
@@ -405,7 +409,8 @@ def load_detector(
         raise ValueError(f"{checkpoint} holds no detector (no box predictor); for a classification checkpoint "
                          "use backbone_weights= (command line --backbone-weights)")
     found = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
-    options = {k: config[k] for k in ("variant", "max_size", "rois_per_image", "fpn_channels") if k in config}
+    options = {k: config[k] for k in ("variant", "max_size", "rois_per_image", "fpn_channels", "anchor_scale")
+               if k in config}
     if "min_size" in config:
         options["min_size"] = tuple(config["min_size"])
     options.update(kwargs)

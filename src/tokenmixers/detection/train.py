@@ -101,6 +101,7 @@ class _Job:
             cfg["model"], train_set.num_classes, masks=train_set.has_masks, variant=cfg["variant"],
             backbone_weights=cfg["backbone_weights"], min_size=tuple(cfg["min_size"]), max_size=cfg["max_size"],
             rois_per_image=cfg["rois_per_image"], fpn_channels=cfg["fpn_channels"],
+            anchor_scale=cfg["anchor_scale"],
             **({"drop_path_rate": cfg["drop_path"]} if cfg["drop_path"] is not None else {}))
         self.model.config["categories"] = train_set.categories
         self.notes: list[str] = []
