@@ -40,12 +40,18 @@ def _input() -> torch.Tensor:
     return torch.from_numpy(np.load(DATA / "input_160x224.npy"))
 
 
+@lru_cache(maxsize=2)
+def _cached_detection_state_dict(name: str) -> dict[str, torch.Tensor]:
+    return official_detection_state_dict(name)
+
+
 def _official_backbone(name: str, variant: str = "official", weights: Optional[dict] = None) -> torch.nn.Module:
     """The detection backbone (float64, eval) with the official weights, loaded the way mmdet holds them."""
     with torch.device("meta"):
         backbone = create_backbone(name, variant=variant)
     backbone = backbone.to_empty(device="cpu").double().eval()
-    report = load_checkpoint(backbone, {"state_dict": official_detection_state_dict(name, weights)})
+    state = official_detection_state_dict(name, weights) if weights is not None else _cached_detection_state_dict(name)
+    report = load_checkpoint(backbone, {"state_dict": state})
     assert report.source == "mmdet" and not report.missing and not report.unexpected
     return backbone
 
@@ -79,14 +85,15 @@ def test_masked_variant_is_ours_not_the_official(family: str) -> None:
     # at 160x224 the official blocks let padding act as tokens (Halo, Swin), shift one-window maps (Swin)
     # and keep the position embedding off the residual path (PVT); the masked variant does none of that
     name = f"unified_{family}_micro"
+    masked = _official_backbone(name, variant="masked")
     with torch.no_grad():
-        rel = _largest_difference(name, _official_backbone(name, variant="masked")(_input()))
+        rel = _largest_difference(name, masked(_input()))
     assert rel > 1e-3
     # at sizes made of whole windows, Halo's padding never exists: both variants agree
     if family == "halo":
         x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
         with torch.no_grad():
-            a, b = _official_backbone(name)(x), _official_backbone(name, variant="masked")(x)
+            a, b = _official_backbone(name)(x), masked(x)
         assert all(torch.allclose(u, v, rtol=0, atol=1e-12) for u, v in zip(a, b))
 
 

@@ -172,10 +172,11 @@ def scale_invariance(
                                progress=progress)[0]
 
     try:
-        reference = reference_coco(dataset, run(1.0), reference_score)
+        at_base = run(1.0)
+        reference = reference_coco(dataset, at_base, reference_score)
         rows = []
         for factor in factors:
-            records = run(factor)
+            records = at_base if factor == 1.0 else run(factor)
             rows.append({
                 "factor": factor,
                 "consistency": coco_ap(reference, records, "bbox", dataset.image_ids)["AP"],
