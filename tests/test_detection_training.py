@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import tokenmixers_cli
 from tokenmixers.config import build_config
 from tokenmixers.data import DataError
 from tokenmixers.detection.train import lr_factor, param_groups, recipe_path, train_detector
+from tokenmixers.runs import Interrupted
 
 from .conftest import SHARED, cli
 
@@ -46,18 +50,36 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
+def _stop_at(log: Path, line: str) -> threading.Thread:
+    """A watcher that sends this process SIGTERM once ``line`` appears in a run's log (a scheduler stopping the job)."""
+    def watch() -> None:
+        while not (log.is_file() and line in log.read_text()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_stopped_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
     quick = {**MICRO, "min_size": [128], "max_size": 128, "test_size": 128, "fpn_channels": 32,
-             "rois_per_image": 32, "max_steps_per_epoch": 2, "eval_every": 1}
-    straight = train_detector("smoke", {**quick, "epochs": 2, "output": str(tmp_path / "straight")})
-    train_detector("smoke", {**quick, "epochs": 1, "output": str(tmp_path / "stopped")})
-    with pytest.raises(ValueError, match="already holds a finished run"):
-        train_detector("smoke", {**quick, "epochs": 2, "output": str(tmp_path / "stopped")})
-    resumed = train_detector("smoke", {**quick, "epochs": 2, "resume": "auto", "output": str(tmp_path / "stopped")})
-    assert resumed["steps"] == straight["steps"] == 4
+             "rois_per_image": 32, "eval_every": 1, "epochs": 2}  # 3 steps per epoch
+    straight = train_detector("smoke", {**quick, "output": str(tmp_path / "straight")})
+    watcher = _stop_at(tmp_path / "stopped" / "log.txt", "step 4:")
+    with pytest.raises(Interrupted) as stopped:
+        train_detector("smoke", {**quick, "output": str(tmp_path / "stopped")})
+    watcher.join()
+    # the signal lands during step 4 or 5 (the log line is written after a step): inside epoch 1 either way
+    assert stopped.value.epoch == 1 and stopped.value.step in (4, 5) and stopped.value.exit_code == 128 + signal.SIGTERM
+    with pytest.raises(ValueError, match="already holds a"):
+        train_detector("smoke", {**quick, "output": str(tmp_path / "stopped")})
+    resumed = train_detector("smoke", {**quick, "resume": "auto", "output": str(tmp_path / "stopped")})
+    assert resumed["steps"] == straight["steps"] == 6
     a, b = _weights(tmp_path / "straight" / "last.pth"), _weights(tmp_path / "stopped" / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in straight["history"]]
+    assert resumed["bbox"] == straight["bbox"]
 
 
 def test_recipes_schedule_and_weight_decay() -> None:

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -105,6 +105,7 @@ class _Job:
             **({"drop_path_rate": cfg["drop_path"]} if cfg["drop_path"] is not None else {}))
         self.model.config["categories"] = train_set.categories
         self.notes: list[str] = []
+        self.pending_rng: Optional[dict[str, Any]] = None  # a mid-epoch resume's RNG state (see _resume)
         if cfg["init_weights"]:
             self.notes.append(str(load_detector_weights(self.model, cfg["init_weights"], reset_heads=cfg["reset_heads"])))
         self.model.to(info.device)
@@ -169,7 +170,10 @@ def _resume(job: _Job, path: Path) -> Progress:
     if not job.info.primary:
         progress.carried = [0.0] * len(progress.carried)
     if len(values["rng"]) == job.info.world_size:
-        set_rng_state(values["rng"][job.info.rank])
+        if progress.batch_in_epoch:  # mid-epoch: restored once the epoch's loader has drawn its seed (as it had)
+            job.pending_rng = values["rng"][job.info.rank]
+        else:
+            set_rng_state(values["rng"][job.info.rank])
     else:
         _seed(job.cfg["seed"] + 1000 * progress.step + job.info.rank)
     _log(job.info, job.out, f"resumed from {path}: epoch {progress.epoch}, step {progress.step}")
@@ -199,7 +203,11 @@ def _train_epoch(job: _Job, progress: Progress, stop: StopRequest) -> dict[str, 
 
     with tqdm(total=job.steps_per_epoch, initial=progress.batch_in_epoch, desc=f"epoch {progress.epoch}",
               disable=not info.primary, leave=False, dynamic_ncols=True, mininterval=1.0, file=sys.stderr) as bar:
-        for images, targets, skipped in job.loader:
+        batches = iter(job.loader)
+        if job.pending_rng is not None:
+            set_rng_state(job.pending_rng)
+            job.pending_rng = None
+        for images, targets, skipped in batches:
             if progress.batch_in_epoch >= job.steps_per_epoch:
                 break
             lr = job.set_lr(progress.step)
