@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test demo bench clean
 
+# --no-compile: byte-compiling all of torch costs about a minute; Python compiles what it imports on first use.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import subprocess
 import sys
-import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,6 +16,10 @@ import torch
 
 from tokenmixers import CheckpointError, load_checkpoint, load_pretrained, save_pretrained
 
+from . import reference
+from .conftest import PAPER_MODELS
+from .reference import relative_difference
+
 DATA = Path(__file__).parent / "data" / "stm_eval"
 
 
@@ -26,49 +28,27 @@ def _entries() -> dict[str, list]:
     return json.loads((DATA / "entries.json").read_text())
 
 
-def recipe_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The reference recipe's tensor for one official key (seeded by the key alone)."""
-    g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
-    if key.endswith("running_var"):
-        t = 0.5 + torch.rand(shape, generator=g, dtype=torch.float64)
-    else:
-        r = torch.randn(shape, generator=g, dtype=torch.float64)
-        if key.endswith("running_mean"):
-            t = 0.1 * r
-        elif "gamma" in key.rsplit(".", 1)[-1]:
-            t = 1 + 0.1 * r
-        elif len(shape) <= 1:
-            t = 1 + 0.1 * r if key.endswith("weight") else 0.1 * r
-        else:
-            t = r / math.sqrt(math.prod(shape[1:]))
-    return t.to(dtype)
-
-
 def official_state_dict(name: str, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """The official-format weights of the reference recipe, re-created from the keys alone."""
-    return {key: recipe_tensor(key, tuple(shape), dtype) for key, shape in _entries()[name]}
+    return reference.official_state_dict(_entries()[name], dtype)
 
 
-def _relative(a: torch.Tensor, b: np.ndarray) -> float:
-    return float((a.double() - torch.from_numpy(b)).abs().max() / np.abs(b).max())
-
-
-def test_official_parity(official_weights: tuple[str, dict[str, torch.Tensor]]) -> None:
-    name, weights = official_weights
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_official_parity(name: str) -> None:
     with torch.device("meta"):
         model = timm.create_model(name)
     model = model.to_empty(device="cpu").double().eval()
-    report = load_checkpoint(model, {"model": weights})
+    report = load_checkpoint(model, {"model": official_state_dict(name)})
     assert report.source == "stm-eval" and not report.missing and not report.unexpected
     ref = np.load(DATA / f"{name}.npz")
     x = torch.from_numpy(np.load(DATA / "input_224.npy"))
     with torch.no_grad():
         pre = model.forward_head(model.forward_features(x), pre_logits=True)
         logits = model.head.fc(pre)
-        rel64 = max(_relative(logits, ref["logits"]), _relative(pre, ref["pre_logits"]))
+        rel64 = max(relative_difference(logits, ref["logits"]), relative_difference(pre, ref["pre_logits"]))
         model.float()
         pre32 = model.forward_head(model.forward_features(x.float()), pre_logits=True)
-        rel32 = max(_relative(model.head.fc(pre32), ref["logits"]), _relative(pre32, ref["pre_logits"]))
+        rel32 = max(relative_difference(model.head.fc(pre32), ref["logits"]), relative_difference(pre32, ref["pre_logits"]))
     print(f"{name}: max relative difference float64 {rel64:.2e}, float32 {rel32:.2e}")
     assert rel64 <= 1e-13  # measured <= 2.3e-15 for all 20 models; a real difference is many orders larger
     assert rel32 <= 1e-5  # measured <= 8e-7

@@ -14,7 +14,8 @@ import torch
 from tokenmixers import CheckpointError, load_checkpoint
 from tokenmixers.detection import create_backbone, load_imagenet
 
-from .test_checkpoint import _entries, official_state_dict, recipe_tensor
+from . import reference
+from .test_checkpoint import _entries, official_state_dict
 
 DATA = Path(__file__).parent / "data" / "stm_eval_det"
 CLASSIFICATION_ONLY = re.compile(r"^(conv_head|head|stage_norms)\.")
@@ -29,9 +30,8 @@ def official_detection_state_dict(name: str, weights: Optional[dict[str, torch.T
     weights = official_state_dict(name) if weights is None else weights
     state = {k: v for k, v in weights.items() if not CLASSIFICATION_ONLY.match(k)}
     dims = [shape[0] for key, shape in _entries()[name] if re.fullmatch(r"stage_norms\.\d\.weight", key)]
-    for i, dim in enumerate(dims):
-        for p in ("weight", "bias"):
-            state[f"out_norm_{i}.{p}"] = recipe_tensor(f"out_norm_{i}.{p}", (dim,))
+    state.update(reference.official_state_dict([(f"out_norm_{i}.{p}", (dim,)) for i, dim in enumerate(dims)
+                                                 for p in ("weight", "bias")]))
     return {f"backbone.{k}": v for k, v in state.items()}
 
 

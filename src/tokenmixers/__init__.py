@@ -5,9 +5,10 @@
 """
 from .backbone import UnifiedNet
 from .checkpoint import CheckpointError, load_checkpoint
-from .configs import SCALES, Family, ModelCfg
+from .configs import SCALES, DWNetCfg, Family, ModelCfg, STViTCfg
 from .hub import load_pretrained, save_pretrained
 from .mixers import TokenMixer, create_mixer, get_mixer, list_mixers, register_mixer
+from .models import DWNet, STViT
 from .zoo import FAMILIES, create_model, list_models, model_cfg, register_family, register_model_cfg, register_variant
 
 __version__ = "0.1.0"
@@ -15,6 +16,10 @@ __version__ = "0.1.0"
 __all__ = [
     "UnifiedNet",
     "ModelCfg",
+    "DWNet",
+    "DWNetCfg",
+    "STViT",
+    "STViTCfg",
     "Family",
     "CheckpointError",
     "load_checkpoint",

@@ -17,6 +17,10 @@ The architecture is a :class:`tokenmixers.ModelCfg` (depths, widths, heads, mixe
 ...); ``UnifiedNet(cfg)`` builds it. Ablation switches of the paper's Table VI are fields too:
 ``norm_after_pool`` (B: LayerNorm after pooling), ``stage_norms=False`` (C: no stage norms) and
 ``block_style="convnext"`` (D: ConvNeXt block, ``x = x + drop_path(gamma * mlp(LN(mixer(x))))``).
+
+:class:`StagedNet` is the timm surface (features, intermediates, classifier, checkpointing) of any
+``stem -> stages -> head`` network; the published architectures of :mod:`tokenmixers.models` share
+it, together with :class:`Block`, :class:`Stage` and :class:`Head`.
 """
 from __future__ import annotations
 
@@ -153,7 +157,10 @@ class Stage(nn.Module):
 
 
 class Head(nn.Module):
-    """1x1 projection (no bias) -> BatchNorm -> GELU -> pool [-> LayerNorm] -> dropout -> Linear."""
+    """1x1 projection (no bias) -> BatchNorm -> GELU -> pool [-> LayerNorm] -> dropout -> Linear.
+
+    ``proj_bias`` and ``act_layer`` serve published heads (STViT: bias and Swish).
+    """
 
     def __init__(
         self,
@@ -163,13 +170,16 @@ class Head(nn.Module):
         global_pool: str = "avg",
         norm_after_pool: bool = False,
         drop_rate: float = 0.0,
+        *,
+        proj_bias: bool = False,
+        act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         self.global_pool = global_pool
         if hidden_dim:
-            self.proj = nn.Linear(in_dim, hidden_dim, bias=False)
+            self.proj = nn.Linear(in_dim, hidden_dim, bias=proj_bias)
             self.bn = nn.BatchNorm2d(hidden_dim)
-            self.act = nn.GELU()
+            self.act = act_layer()
         else:
             hidden_dim = in_dim
             self.proj, self.bn, self.act = nn.Identity(), nn.Identity(), nn.Identity()
@@ -203,12 +213,18 @@ def _pos_embed(kind: Optional[str], dim: int, grid: tuple[int, int]) -> Optional
     return None
 
 
-def _check_pool(global_pool: str, num_classes: int) -> None:
+def check_pool(global_pool: str, num_classes: int) -> None:
     """Validate the pooling mode; unpooled output has no classifier."""
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(f"unknown global_pool {global_pool!r}; accepted: {', '.join(map(repr, GLOBAL_POOLS))}")
     if global_pool == "" and num_classes > 0:
         raise ValueError("global_pool='' returns unpooled feature maps and needs num_classes=0")
+
+
+def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Stochastic-depth rate of every block, per stage, rising linearly from 0 to ``rate`` over all blocks."""
+    rates = torch.linspace(0, rate, sum(depths), device="cpu").tolist()
+    return [rates[sum(depths[:i]) : sum(depths[: i + 1])] for i in range(len(depths))]
 
 
 def stage_indices(num_stages: int, indices: Optional[Union[int, Sequence[int]]]) -> tuple[list[int], int]:
@@ -223,79 +239,57 @@ def stage_indices(num_stages: int, indices: Optional[Union[int, Sequence[int]]])
     return taken, max(taken)
 
 
-class UnifiedNet(nn.Module):
-    """The unified four-stage backbone with a pluggable spatial token mixer.
+class StagedNet(nn.Module):
+    """The timm model surface of a four-stage network: ``stem -> stages -> head`` on channels-last tokens.
+
+    Shared by the unified backbone and the published architectures of :mod:`tokenmixers.models`. A
+    subclass passes its typed config (with ``dims`` and ``mixer``) and timm's keyword arguments to
+    ``__init__``, then builds ``stem`` (image -> ``(B, H/4, W/4, C)`` tokens), the stages
+    (:meth:`_set_stages`: one :class:`Stage` per stride 4/8/16/32) and the head (:meth:`_set_head`).
 
     Args:
-        cfg: the architecture (:class:`tokenmixers.ModelCfg`; every field is documented there).
+        cfg: the typed architecture config.
         in_chans, num_classes, global_pool, drop_rate: as in timm.
-        img_size: the size the absolute position embeddings are built for (resized to other inputs).
-        **overrides: ``ModelCfg`` fields to change, e.g. ``drop_path_rate=0.1`` or
-            ``norm_after_pool=True`` (what ``timm.create_model(name, **kwargs)`` passes through).
+        **overrides: config fields to change, e.g. ``drop_path_rate=0.1`` (what
+            ``timm.create_model(name, **kwargs)`` passes through).
     """
+
+    head: Head
+    head_hidden_size: int
 
     def __init__(
         self,
-        cfg: ModelCfg,
+        cfg: Any,
         *,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
-        img_size: Union[int, Sequence[int]] = 224,
         **overrides: Any,
     ) -> None:
         super().__init__()
-        cfg = cfg.replace(**overrides) if overrides else cfg
-        self.cfg = cfg  # the resolved architecture, saved with the weights
-        _check_pool(global_pool, num_classes)
-        n = len(cfg.depths)
-        heads = [max(d // 32, 1) for d in cfg.dims] if cfg.heads is None else list(cfg.heads)
-        stage_mixer_args = _per_stage(cfg.stage_mixer_args or {}, n)
-        mlp_ratios = _per_stage(cfg.mlp_ratios, n)
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-
-        self.mixer = cfg.mixer
+        check_pool(global_pool, num_classes)
+        self.cfg = cfg.replace(**overrides) if overrides else cfg  # the resolved architecture, saved with the weights
+        self.mixer: str = self.cfg.mixer
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.num_features = cfg.dims[-1]
+        self.num_features: int = self.cfg.dims[-1]
+        self._initial_pool = global_pool  # for _set_head; the head owns the pooling afterwards
 
-        self.stem = Stem(in_chans, cfg.dims[0])
-        dp_rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
-        stages, self.feature_info, cursor = [], [], 0
-        for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
-            grid = (img_size[0] // 2 ** (i + 2), img_size[1] // 2 ** (i + 2))
-            mixer_kwargs = {**cfg.mixer_args, **stage_mixer_args[i]}
-            blocks = [
-                Block(
-                    dim,
-                    create_mixer(cfg.mixer, dim, num_heads=heads[i], block_index=j, **mixer_kwargs),
-                    mlp_ratio=mlp_ratios[i],
-                    norm_eps=cfg.norm_eps,
-                    layer_scale_init=cfg.layer_scale_init,
-                    drop_path=dp_rates[cursor + j],
-                    pos=_pos_embed(cfg.pos_embed, dim, grid) if cfg.pos_embed_blocks in (j, "all") else None,
-                    convnext_style=cfg.block_style == "convnext",
-                    pos_residual=cfg.pos_embed_residual,
-                )
-                for j in range(depth)
-            ]
-            stages.append(
-                Stage(
-                    nn.Identity() if i == 0 else Downsample(cfg.dims[i - 1], dim),
-                    blocks,
-                    nn.LayerNorm(dim, eps=1e-6) if cfg.stage_norms else nn.Identity(),
-                )
-            )
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}"))
-            cursor += depth
+    def _set_stages(self, stages: Sequence[Stage]) -> None:
+        """Install the stages (strides 4, 8, 16, 32) and describe their outputs for timm (``feature_info``)."""
         self.stages = nn.Sequential(*stages)
+        self.feature_info = [
+            dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}") for i, dim in enumerate(self.cfg.dims)
+        ]
 
-        hidden = int(cfg.dims[-1] * cfg.head_hidden_ratio)
-        self.head = Head(cfg.dims[-1], hidden, num_classes, global_pool, cfg.norm_after_pool, drop_rate)
+    def _set_head(self, hidden_dim: int, **options: Any) -> None:
+        """Install the :class:`Head` (``hidden_dim=0``: pool -> Linear) with the constructor's classifier settings."""
+        self.head = Head(
+            self.num_features, hidden_dim, self.num_classes, self._initial_pool, drop_rate=self.drop_rate, **options
+        )
         self.head_hidden_size = self.head.hidden_dim
-        self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -309,14 +303,13 @@ class UnifiedNet(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Position tables and embeddings (names as in ``state_dict``)."""
-        names = set()
-        for name, module in self.named_modules():
-            if isinstance(module, TokenMixer):
-                names |= {f"{name}.{p}" for p in module.no_weight_decay()}
-            elif isinstance(module, Block):
-                names |= {f"{name}.pos.{p}" for p, _ in module.pos.named_parameters()}
-        return names
+        """The mixers' position tables (names as in ``state_dict``)."""
+        return {
+            f"{name}.{p}"
+            for name, module in self.named_modules()
+            if isinstance(module, TokenMixer)
+            for p in module.no_weight_decay()
+        }
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -346,7 +339,7 @@ class UnifiedNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
         """Replace the classifier (``num_classes=0`` removes it); ``global_pool=''`` disables pooling."""
         if global_pool is not None:
-            _check_pool(global_pool, num_classes)
+            check_pool(global_pool, num_classes)
             self.head.global_pool = global_pool
         if reset_other:
             self.head.proj, self.head.bn, self.head.act = nn.Identity(), nn.Identity(), nn.Identity()
@@ -377,7 +370,7 @@ class UnifiedNet(nn.Module):
                 f"input {x.shape[2]}x{x.shape[3]} is below the minimum size {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}; "
                 "resize or pad the images"
             )
-        weight = self.stem.conv1.weight
+        weight = next(self.stem.parameters())  # the first conv's weight: the model's dtype
         if not x.is_floating_point():
             raise ValueError(f"input is {x.dtype}, the model needs floating-point images: convert and normalise them "
                              "first (timm's transforms give float32, e.g. x.float() / 255 then normalise)")
@@ -441,3 +434,78 @@ class UnifiedNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> logits."""
         return self.forward_head(self.forward_features(x))
+
+
+class UnifiedNet(StagedNet):
+    """The unified four-stage backbone with a pluggable spatial token mixer.
+
+    Args:
+        cfg: the architecture (:class:`tokenmixers.ModelCfg`; every field is documented there).
+        in_chans, num_classes, global_pool, drop_rate: as in timm.
+        img_size: the size the absolute position embeddings are built for (resized to other inputs).
+        **overrides: ``ModelCfg`` fields to change, e.g. ``drop_path_rate=0.1`` or
+            ``norm_after_pool=True`` (what ``timm.create_model(name, **kwargs)`` passes through).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelCfg,
+        *,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        img_size: Union[int, Sequence[int]] = 224,
+        **overrides: Any,
+    ) -> None:
+        super().__init__(
+            cfg, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate, **overrides
+        )
+        cfg = self.cfg
+        n = len(cfg.depths)
+        heads = [max(d // 32, 1) for d in cfg.dims] if cfg.heads is None else list(cfg.heads)
+        stage_mixer_args = _per_stage(cfg.stage_mixer_args or {}, n)
+        mlp_ratios = _per_stage(cfg.mlp_ratios, n)
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+        self.stem = Stem(in_chans, cfg.dims[0])
+        dp_rates = drop_path_rates(cfg.drop_path_rate, cfg.depths)
+        stages = []
+        for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
+            grid = (img_size[0] // 2 ** (i + 2), img_size[1] // 2 ** (i + 2))
+            mixer_kwargs = {**cfg.mixer_args, **stage_mixer_args[i]}
+            blocks = [
+                Block(
+                    dim,
+                    create_mixer(cfg.mixer, dim, num_heads=heads[i], block_index=j, **mixer_kwargs),
+                    mlp_ratio=mlp_ratios[i],
+                    norm_eps=cfg.norm_eps,
+                    layer_scale_init=cfg.layer_scale_init,
+                    drop_path=dp_rates[i][j],
+                    pos=_pos_embed(cfg.pos_embed, dim, grid) if cfg.pos_embed_blocks in (j, "all") else None,
+                    convnext_style=cfg.block_style == "convnext",
+                    pos_residual=cfg.pos_embed_residual,
+                )
+                for j in range(depth)
+            ]
+            stages.append(
+                Stage(
+                    nn.Identity() if i == 0 else Downsample(cfg.dims[i - 1], dim),
+                    blocks,
+                    nn.LayerNorm(dim, eps=1e-6) if cfg.stage_norms else nn.Identity(),
+                )
+            )
+        self._set_stages(stages)
+
+        hidden = int(cfg.dims[-1] * cfg.head_hidden_ratio)
+        self._set_head(hidden, norm_after_pool=cfg.norm_after_pool)
+        self.apply(self._init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Position tables and embeddings (names as in ``state_dict``)."""
+        names = super().no_weight_decay()
+        for name, module in self.named_modules():
+            if isinstance(module, Block):
+                names |= {f"{name}.pos.{p}" for p, _ in module.pos.named_parameters()}
+        return names

@@ -25,13 +25,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .backbone import Head
 from .files import atomic_write_csv, atomic_write_text
-from .zoo import FAMILIES, MODEL_FAMILY, create_model, list_models
+from .zoo import create_model, list_models, reported_top1
 
 aten = torch.ops.aten
 
@@ -181,11 +182,14 @@ def measure_speed(
 
 
 def resolve_models(patterns: Sequence[str]) -> list[str]:
-    """Expand model names and glob patterns; ``KeyError`` for a pattern that matches nothing."""
+    """Expand model names and glob patterns (over ours, else timm's); ``KeyError`` for a pattern that matches nothing."""
     names: list[str] = []
     known = list_models()
     for pattern in patterns:
-        matched = [n for n in known if fnmatch.fnmatch(n, pattern)] if any(c in pattern for c in "*?[") else [pattern]
+        if any(c in pattern for c in "*?["):
+            matched = [n for n in known if fnmatch.fnmatch(n, pattern)] or timm.list_models(pattern)
+        else:
+            matched = [pattern]
         if not matched:
             raise KeyError(f"no registered model matches {pattern!r}; see `tokenmixers list`")
         names += [n for n in matched if n not in names]
@@ -211,9 +215,8 @@ def benchmark(
     for name in resolve_models(models):
         model = create_model(name)
         row: dict[str, Any] = {"model": name, "params_m": count_params(model) / 1e6}
-        family = FAMILIES.get(MODEL_FAMILY.get(name, ""))
-        if family is not None and name.rsplit("_", 1)[-1] in family.paper_top1:
-            row["top1_reported"] = family.paper_top1[name.rsplit("_", 1)[-1]]
+        if reported_top1(name) is not None:
+            row["top1_reported"] = reported_top1(name)
         macs = count_macs(model, input_size)
         row.update(macs_g=macs["macs"] / 1e9, macs_paper_g=macs["macs_paper"] / 1e9)
         if speed:

@@ -1,8 +1,10 @@
 """Loading and saving weights, safely.
 
 * Reading never executes code: torch files go through ``torch.load(weights_only=True)``;
-  safetensors is preferred. A pickle that would import Python objects is refused with the
-  names of those objects.
+  safetensors is preferred. Training checkpoints that also pickle other objects (a yacs config, an
+  ``argparse.Namespace``) are read by a restricted unpickler that rebuilds only tensors and plain
+  containers and keeps every other object as inert data, never importing its class; a pickle that
+  would *call* anything outside that list is refused with the name of what it would call.
 * Official checkpoints are converted (see :mod:`tokenmixers.converters`) and adapted where the
   official loader adapts too: relative-position tables, Halo relative logits and PVT position
   embeddings are resized, and the classifier is sliced by a label map or re-initialised when the
@@ -14,10 +16,10 @@
 """
 from __future__ import annotations
 
-import io
-import pickletools
+import logging
+import pickle
 import re
-import zipfile
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,46 +77,90 @@ class LoadReport:
 
 # -- reading ---------------------------------------------------------------------------------------
 
-_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "numpy.")
+# What a tensor checkpoint may rebuild: tensors, parameters, plain containers, dtypes and numpy arrays.
+_REBUILDERS = frozenset({
+    "collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex",
+    "_codecs.encode", "torch.Size", "torch.serialization._get_layout", "torch._tensor._rebuild_from_type_v2",
+    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
+    "torch._utils._rebuild_parameter_with_state", "numpy.ndarray", "numpy.dtype",
+    "numpy.core.multiarray._reconstruct", "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
+})
 
 
-def _pickle_globals(path: Path) -> list[str]:
-    """Python objects a pickle (or torch zip checkpoint) would import, read without unpickling."""
-    data = path.read_bytes()
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            data = b"".join(zf.read(n) for n in zf.namelist() if n.endswith(".pkl"))
-    found, strings = [], []
-    try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                strings.append(arg)
-            elif op.name == "GLOBAL":
-                found.append(arg.replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-    except Exception:  # a truncated stream still tells us what it had imported so far
-        pass
-    return sorted({g for g in found if not g.startswith(_SAFE_GLOBAL_PREFIXES)})
+class _RefusedCall(pickle.UnpicklingError):
+    """The pickle calls a global that the safe loader does not rebuild."""
+
+
+class _Inert:
+    """Stands in for an object whose class the safe loader never imports; keeps its pickled state as data."""
+
+    global_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # reached only when the pickle *calls* the global
+        raise _RefusedCall(self.global_name)
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["pickled_state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # dict subclasses (yacs CfgNode) pickle their items
+        self.__dict__.setdefault("pickled_items", {})[key] = value
+
+    def append(self, value: Any) -> None:
+        """List subclasses pickle their items."""
+        self.__dict__.setdefault("pickled_list", []).append(value)
+
+    def extend(self, values: Any) -> None:
+        """List subclasses pickle their items."""
+        self.__dict__.setdefault("pickled_list", []).extend(values)
+
+
+class _SkippingUnpickler(pickle.Unpickler):
+    """Rebuilds tensors and plain containers; every other global becomes an :class:`_Inert` placeholder class."""
+
+    skipped: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        if full in _REBUILDERS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        self.skipped.add(full)
+        return type(name, (_Inert,), {"global_name": full, "__module__": __name__})
+
+
+def _load_skipping(path: Path) -> tuple[Any, set[str]]:
+    """``torch.load`` through :class:`_SkippingUnpickler`; returns the object and the globals it skipped."""
+    skipped: set[str] = set()
+    unpickler = type("Unpickler", (_SkippingUnpickler,), {"skipped": skipped})
+    module = types.ModuleType("tokenmixers_skipping_pickle")
+    module.Unpickler = unpickler  # type: ignore[attr-defined]
+    module.load = lambda f, **kw: unpickler(f, **kw).load()  # type: ignore[attr-defined]
+    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+    return obj, skipped
 
 
 def safe_torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` with errors that say what is wrong with the file."""
+    """``torch.load(weights_only=True)``, else the skipping unpickler; errors say what is wrong with the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the safe unpickler raises many types on damaged input
-        unsafe = _pickle_globals(path)
-        if unsafe:
-            raise CheckpointError(
-                f"{path} was refused by the safe loader: unpickling it would import {', '.join(unsafe)}, "
-                "which could execute code. tokenmixers never unpickles arbitrary objects. If you trust the file, "
-                "re-save only its tensors elsewhere (e.g. torch.save(ckpt['model'], 'weights.pth')) or convert it "
-                "to safetensors."
-            ) from None
+    except Exception as err:  # the safe unpickler raises many types on damaged input or unknown globals
+        first_error = err
+    try:
+        obj, skipped = _load_skipping(path)
+    except _RefusedCall as call:
+        raise CheckpointError(
+            f"{path} was refused by the safe loader: unpickling it would import {call} and call it, which could "
+            "execute code. tokenmixers never unpickles arbitrary objects. If you trust the file, re-save only its "
+            "tensors elsewhere (e.g. torch.save(ckpt['model'], 'weights.pth')) or convert it to safetensors."
+        ) from None
+    except Exception:
+        err = first_error
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint: the file is truncated or corrupt "
             f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
         ) from None
+    logging.getLogger(__name__).info("%s: kept these objects as inert data, never imported: %s", path, sorted(skipped))
+    return obj
 
 
 def _read_safetensors(path: Path) -> StateDict:
@@ -221,11 +267,21 @@ def _read_label_map(label_map: Union[PathLike, Sequence[int]]) -> list[int]:
     return [int(v) for v in label_map]
 
 
+def model_layer_names(model: nn.Module) -> tuple[str, str]:
+    """The classifier and first conv of a model, from its timm ``pretrained_cfg`` (default: the unified backbone's)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("classifier") or "head.fc", cfg.get("first_conv") or "stem.conv1"
+
+
 def adapt_state_dict(
     state_dict: StateDict, model: nn.Module, label_map: Optional[Union[PathLike, Sequence[int]]] = None
 ) -> tuple[StateDict, list[str], list[str]]:
-    """Fit a converted state dict to ``model``; return it, the adaptations made and unfixable mismatches."""
+    """Fit a converted state dict to ``model``; return it, the adaptations made and unfixable mismatches.
+
+    The classifier and the first conv are found by their names in the model's ``pretrained_cfg``.
+    """
     target = model.state_dict()
+    classifier, first_conv = model_layer_names(model)
     out: StateDict = {}
     adapted: list[str] = []
     mismatched: list[str] = []
@@ -247,7 +303,7 @@ def adapt_state_dict(
         elif key.endswith("pos_embed") and value.ndim == 4 and value.shape[:2] == want[:2]:
             out[key] = _resize_pos(value, tuple(want[2:]))
             adapted.append(f"{key}: bilinear {tuple(value.shape)} -> {tuple(want)}")
-        elif key.startswith("head.fc.") and value.shape[1:] == want[1:]:
+        elif key.startswith(classifier + ".") and value.shape[1:] == want[1:]:
             if label_map is not None:
                 rows = _read_label_map(label_map)
                 if len(rows) != want[0] or max(rows) >= value.shape[0] or min(rows) < 0:
@@ -258,18 +314,20 @@ def adapt_state_dict(
                 out[key] = value[rows]
                 adapted.append(f"{key}: rows selected by the label map ({value.shape[0]} -> {want[0]} classes)")
             elif key.endswith("weight"):
-                adapted.append(f"head.fc: checkpoint has {value.shape[0]} classes, model {want[0]}: classifier re-initialised")
-        elif key == "stem.conv1.weight" and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
+                adapted.append(
+                    f"{classifier}: checkpoint has {value.shape[0]} classes, model {want[0]}: classifier re-initialised"
+                )
+        elif key == first_conv + ".weight" and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
             out[key] = adapt_input_conv(want[1], value)
             adapted.append(f"{key}: input channels {value.shape[1]} -> {want[1]}")
         else:
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
-    if not any(k.startswith("head.fc.") for k in target):
-        dropped = [k for k in out if k.startswith("head.fc.")]
+    if not any(k.startswith(classifier + ".") for k in target):
+        dropped = [k for k in out if k.startswith(classifier + ".")]
         for k in dropped:
             del out[k]
         if dropped:
-            adapted.append("head.fc: the model has no classifier, checkpoint classifier dropped")
+            adapted.append(f"{classifier}: the model has no classifier, checkpoint classifier dropped")
     return out, adapted, mismatched
 
 
@@ -302,19 +360,23 @@ def load_checkpoint(
         path = "<state dict>"
     else:
         raw, chosen = read_state_dict(path, entry)
-    converted, source = to_tokenmixers(raw)
+    try:
+        converted, source = to_tokenmixers(raw)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be converted: {err}") from None
     target = model.state_dict()
     converted, part = _part_for(converted, target)
     fitted, adapted, mismatched = adapt_state_dict(converted, model, label_map)
     if part:
         adapted.insert(0, part)
-    reinit_head = any(a.startswith("head.fc:") for a in adapted)
+    head = model_layer_names(model)[0] + "."
+    reinit_head = any(a.startswith(head[:-1] + ":") for a in adapted)
     missing = [
         k
         for k in target
-        if k not in converted and not k.endswith("num_batches_tracked") and not (reinit_head and k.startswith("head.fc."))
+        if k not in converted and not k.endswith("num_batches_tracked") and not (reinit_head and k.startswith(head))
     ]
-    unexpected = [k for k in converted if k not in target and not (k.startswith("head.fc.") and reinit_head)]
+    unexpected = [k for k in converted if k not in target and not (k.startswith(head) and reinit_head)]
     if mismatched or (strict and (missing or unexpected)):
         raise CheckpointError(_mismatch_message(path, model, converted, mismatched, missing, unexpected))
     model.load_state_dict({k: fitted.get(k, v) for k, v in target.items()}, strict=True)

@@ -72,7 +72,7 @@ def compare(
         macs = count_macs(model, (bench_size, bench_size))
         speed = measure_speed(model, batch_size=bench_batch, input_size=(bench_size, bench_size), iters=3)
         rows.append({
-            "model": name, "mixer": model.mixer, "params_m": count_params(model) / 1e6,
+            "model": name, "mixer": getattr(model, "mixer", type(model).__name__), "params_m": count_params(model) / 1e6,
             "macs_g": macs["macs"] / 1e9, "throughput": speed["throughput"],
             "top1": summary["top1"], "top5": summary["top5"], "ema_top1": summary["ema_top1"],
             "ema_top5": summary["ema_top5"], "train_time_s": summary["train_time_s"],

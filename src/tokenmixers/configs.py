@@ -2,8 +2,10 @@
 
 A unified model is a :class:`ModelCfg`, a frozen dataclass holding every architecture argument of
 :class:`tokenmixers.UnifiedNet` (timm's ``ByoModelCfg`` style). A :class:`Family` is one mixer's
-configs at the four scales. :mod:`tokenmixers.zoo` registers everything here in timm; this module
-imports nothing heavy, so the command line lists the zoo instantly.
+configs at the four scales. The published architectures that do not fit the unified backbone have
+their own configs (:class:`DWNetCfg`, :class:`STViTCfg`), listed in :data:`PUBLISHED`.
+:mod:`tokenmixers.zoo` registers everything here in timm; this module imports nothing heavy, so the
+command line lists the zoo instantly.
 """
 from __future__ import annotations
 
@@ -21,8 +23,49 @@ def _tuple(value: Any) -> Any:
     return tuple(_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+class ArchCfg:
+    """What every typed architecture config offers: ``replace`` and ``to_dict``."""
+
+    def _tuples(self, *names: str) -> None:
+        """Store list-valued fields as tuples (frozen configs compare and hash by value)."""
+        for name in names:
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+
+    def _check_stages(self, *names: str) -> None:
+        """``dims`` and the named per-stage fields must have one entry per stage."""
+        n = len(self.depths)  # type: ignore[attr-defined]
+        if len(self.dims) != n:  # type: ignore[attr-defined]
+            raise ValueError(f"depths has {n} stages but dims has {len(self.dims)}")  # type: ignore[attr-defined]
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != n:
+                raise ValueError(f"{name} has {len(value)} entries but the model has {n} stages")
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with some fields changed; unknown fields raise a ``ValueError`` naming the known ones."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(
+                f"unknown model argument(s) {', '.join(map(repr, unknown))}; "
+                f"architecture arguments: {', '.join(f.name for f in dataclasses.fields(self))}"  # type: ignore[arg-type]
+            )
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable fields (tuples become lists)."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, Mapping):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
-class ModelCfg:
+class ModelCfg(ArchCfg):
     """Every architecture argument of a unified model.
 
     Args:
@@ -69,44 +112,15 @@ class ModelCfg:
     block_style: str = "transformer"
 
     def __post_init__(self) -> None:
-        for name in ("depths", "dims", "heads", "stage_mixer_args", "mlp_ratios"):
-            object.__setattr__(self, name, _tuple(getattr(self, name)))
+        self._tuples("depths", "dims", "heads", "stage_mixer_args", "mlp_ratios")
         object.__setattr__(self, "mixer_args", dict(self.mixer_args))
-        n = len(self.depths)
-        if len(self.dims) != n:
-            raise ValueError(f"depths has {n} stages but dims has {len(self.dims)}")
-        for name in ("heads", "stage_mixer_args", "mlp_ratios"):
-            value = getattr(self, name)
-            if isinstance(value, tuple) and len(value) != n:
-                raise ValueError(f"{name} has {len(value)} entries but the model has {n} stages")
+        self._check_stages("heads", "stage_mixer_args", "mlp_ratios")
         if self.block_style not in BLOCK_STYLES:
             raise ValueError(f"unknown block_style {self.block_style!r}; accepted: {', '.join(BLOCK_STYLES)}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"unknown pos_embed {self.pos_embed!r}; accepted: {', '.join(map(repr, POS_EMBEDS))}")
         if not (self.pos_embed_blocks == "all" or isinstance(self.pos_embed_blocks, int)):
             raise ValueError(f"pos_embed_blocks must be a block index or 'all', got {self.pos_embed_blocks!r}")
-
-    def replace(self, **changes: Any) -> ModelCfg:
-        """A copy with some fields changed; unknown fields raise a ``ValueError`` naming the known ones."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(
-                f"unknown model argument(s) {', '.join(map(repr, unknown))}; "
-                f"architecture arguments: {', '.join(f.name for f in dataclasses.fields(self))}"
-            )
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable fields (tuples become lists)."""
-
-        def plain(value: Any) -> Any:
-            if isinstance(value, Mapping):
-                return {k: plain(v) for k, v in value.items()}
-            if isinstance(value, (list, tuple)):
-                return [plain(v) for v in value]
-            return value
-
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 @dataclass(frozen=True)
@@ -311,10 +325,151 @@ def _ablations() -> dict[str, tuple[str, ModelCfg]]:
 VARIANTS: dict[str, tuple[str, ModelCfg]] = _ablations()
 
 
-def builtin_models() -> dict[str, tuple[str, ModelCfg]]:
-    """Every built-in unified model in zoo order: name -> (family, config)."""
-    models = {n: (f.name, cfg) for f in FAMILIES for n, cfg in zip(f.model_names(), f.configs.values())}
-    return {**models, **VARIANTS}
+# -- published architectures with their own model files (tokenmixers.models) ---------------------------
+
+SPATIAL_OPS = {"static": "dwconv", "dynamic": "dyn_dwconv", "inhomogeneous": "idyn_dwconv"}
+
+
+@dataclass(frozen=True)
+class DWNetCfg(ArchCfg):
+    """DWNet (Han et al., ICLR 2022): the Swin-T/B skeleton with a depth-wise conv branch instead of attention.
+
+    Args:
+        depths: blocks per stage.
+        dims: channels per stage (patch merging doubles them).
+        spatial: the branch's spatial operator: ``"static"`` (7x7 depth-wise conv, mixer ``dwconv``),
+            ``"dynamic"`` (per-sample kernels, ``dyn_dwconv``) or ``"inhomogeneous"`` (per-pixel
+            kernels, ``idyn_dwconv``).
+        group_channels: inhomogeneous only: channels sharing one per-pixel kernel, per stage (the
+            official ``INHOMO_HEADS``; 3/6/12/24 for T give 32 kernel groups in every stage).
+        kernel_size: spatial kernel size (the official ``WINDOW_SIZE``).
+        reduction: width reduction of the dynamic kernel generators.
+        mlp_ratio: MLP hidden ratio.
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+    """
+
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    dims: tuple[int, ...] = (96, 192, 384, 768)
+    spatial: str = "static"
+    group_channels: Optional[tuple[int, ...]] = None
+    kernel_size: int = 7
+    reduction: int = 4
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.2
+
+    def __post_init__(self) -> None:
+        self._tuples("depths", "dims", "group_channels")
+        self._check_stages("group_channels")
+        if self.spatial not in SPATIAL_OPS:
+            raise ValueError(f"unknown spatial {self.spatial!r}; accepted: {', '.join(SPATIAL_OPS)}")
+        if self.spatial == "inhomogeneous" and self.group_channels is None:
+            raise ValueError("spatial='inhomogeneous' needs group_channels (channels per kernel group, per stage)")
+        if self.group_channels and any(d % g for d, g in zip(self.dims, self.group_channels)):
+            raise ValueError(f"group_channels {self.group_channels} must divide dims {self.dims}")
+
+    @property
+    def mixer(self) -> str:
+        """The registered mixer that computes the spatial operator."""
+        return SPATIAL_OPS[self.spatial]
+
+
+@dataclass(frozen=True)
+class STViTCfg(ArchCfg):
+    """STViT (Huang et al., CVPR 2023): conv stem, CPE + super-token attention + ConvFFN blocks, conv head.
+
+    Args:
+        depths, dims, heads: blocks, channels and attention heads per stage.
+        cell_sizes: super-token cell per stage (1: global attention over all tokens).
+        n_iter: association rounds.
+        layer_scale_init: initial layer scale per stage (0: none).
+        head_dim: width of the head's 1x1 projection.
+        mlp_ratio: ConvFFN hidden ratio.
+        qkv_bias: bias of the attention's qkv projection.
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+    """
+
+    depths: tuple[int, ...] = (3, 5, 9, 3)
+    dims: tuple[int, ...] = (64, 128, 320, 512)
+    heads: tuple[int, ...] = (1, 2, 5, 8)
+    cell_sizes: tuple[int, ...] = (8, 4, 1, 1)
+    n_iter: int = 1
+    layer_scale_init: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    head_dim: int = 1024
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        self._tuples("depths", "dims", "heads", "cell_sizes", "layer_scale_init")
+        self._check_stages("heads", "cell_sizes", "layer_scale_init")
+
+    @property
+    def mixer(self) -> str:
+        """The registered mixer of the blocks."""
+        return "stvit"
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published architecture: its config, where it comes from and what its official weights reach."""
+
+    cfg: Union[DWNetCfg, STViTCfg]
+    family: str
+    source: str
+    top1: Optional[float] = None  # ImageNet-1k top-1 (224) reported for the released weights
+    url: str = ""
+
+
+_DWNET = "DWNet (Han et al., On the Connection between Local Attention and Dynamic Depth-wise Convolution, ICLR 2022)"
+_DWNET_URL = "https://github.com/Atten4Vis/DemystifyLocalViT"
+_STVIT = "STViT (Huang et al., Vision Transformer with Super Token Sampling, CVPR 2023)"
+_STVIT_URL = "https://github.com/hhb072/STViT"
+_DW_T = DWNetCfg()
+_DW_B = DWNetCfg(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), drop_path_rate=0.5)
+
+# The official configs and the top-1 of the released checkpoints (the README); the inhomogeneous models
+# have a config but no released checkpoint. Drop-path rates are the official training values.
+PUBLISHED: dict[str, Published] = {
+    "dwnet_tiny": Published(_DW_T, "dwnet", _DWNET, 81.2, _DWNET_URL),
+    "dwnet_base": Published(_DW_B, "dwnet", _DWNET, 83.2, _DWNET_URL),
+    "dwnet_dynamic_tiny": Published(_DW_T.replace(spatial="dynamic"), "dwnet", _DWNET, 81.8, _DWNET_URL),
+    "dwnet_dynamic_base": Published(_DW_B.replace(spatial="dynamic"), "dwnet", _DWNET, 83.2, _DWNET_URL),
+    "dwnet_idynamic_tiny": Published(
+        _DW_T.replace(spatial="inhomogeneous", group_channels=(3, 6, 12, 24)), "dwnet", _DWNET, None, _DWNET_URL
+    ),
+    "dwnet_idynamic_base": Published(
+        _DW_B.replace(spatial="inhomogeneous", group_channels=(4, 8, 16, 32)), "dwnet", _DWNET, None, _DWNET_URL
+    ),
+    "stvit_small": Published(STViTCfg(), "stvit", _STVIT, 83.6, _STVIT_URL),
+    "stvit_base": Published(
+        STViTCfg(depths=(4, 6, 14, 6), dims=(96, 192, 384, 512), heads=(2, 3, 6, 8),
+                 layer_scale_init=(0.0, 0.0, 1e-6, 1e-6), drop_path_rate=0.4),
+        "stvit", _STVIT, 84.8, _STVIT_URL,
+    ),
+    "stvit_large": Published(
+        STViTCfg(depths=(4, 7, 19, 8), dims=(96, 192, 448, 640), heads=(2, 3, 7, 10),
+                 layer_scale_init=(0.0, 0.0, 1e-6, 1e-6), drop_path_rate=0.6),
+        "stvit", _STVIT, 85.3, _STVIT_URL,
+    ),
+}
+
+# timm's own Twins models (Chu et al., NeurIPS 2021) with the official weights: not re-implemented here,
+# listed for their reported top-1.
+TIMM_TOP1: dict[str, float] = {
+    "twins_pcpvt_small": 81.2, "twins_pcpvt_base": 82.7, "twins_pcpvt_large": 83.1,
+    "twins_svt_small": 81.7, "twins_svt_base": 83.2, "twins_svt_large": 83.7,
+}
+
+AnyCfg = Union[ModelCfg, DWNetCfg, STViTCfg]
+
+
+def builtin_models() -> dict[str, tuple[str, AnyCfg]]:
+    """Every built-in model in zoo order: name -> (family, config)."""
+    models: dict[str, tuple[str, AnyCfg]] = {
+        n: (f.name, cfg) for f in FAMILIES for n, cfg in zip(f.model_names(), f.configs.values())
+    }
+    published = {name: (p.family, p.cfg) for name, p in PUBLISHED.items()}
+    return {**models, **VARIANTS, **published}
 
 
 def as_cfg(value: Union[ModelCfg, Mapping[str, Any], Sequence[Any]]) -> ModelCfg:

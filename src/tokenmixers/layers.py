@@ -1,4 +1,4 @@
-"""Small shape helpers shared by the windowed mixers (all tensors channels-last)."""
+"""Small shape helpers shared by the windowed mixers and models (all tensors channels-last)."""
 from __future__ import annotations
 
 import functools
@@ -7,6 +7,15 @@ from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+
+class ChannelsLastBatchNorm(nn.BatchNorm2d):
+    """BatchNorm over the channels of ``(B, H, W, C)`` tokens (an NCHW view, no copy)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``."""
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 def _pair(window: Union[int, tuple[int, int]]) -> tuple[int, int]:

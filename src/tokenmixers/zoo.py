@@ -1,9 +1,11 @@
 """The model registry: typed configs (:mod:`tokenmixers.configs`) registered as timm models.
 
-A model is ``unified_<family>_<scale>`` and is built from its :class:`ModelCfg`.
-``register_family`` and ``register_variant`` add models at run time, so a new mixer gets the whole
-zoo from one call. This is the only module that knows the model list; loading asks it (through a
-hook) which model a mismatching checkpoint looks like.
+A unified model is ``unified_<family>_<scale>``, built from its :class:`ModelCfg` by
+:class:`UnifiedNet`; a published architecture (``dwnet_*``, ``stvit_*``) is built from its own
+config type by its model class (:mod:`tokenmixers.models`). ``register_family`` and
+``register_variant`` add models at run time, so a new mixer gets the whole zoo from one call. This
+is the only module that knows the model list; loading asks it (through a hook) which model a
+mismatching checkpoint looks like.
 """
 from __future__ import annotations
 
@@ -19,42 +21,53 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from . import configs
-from .backbone import UnifiedNet
+from .backbone import StagedNet, UnifiedNet
 from .checkpoint import CheckpointError, adapt_state_dict, set_architecture_guesser
-from .configs import SCALES, Family, ModelCfg
+from .configs import SCALES, AnyCfg, DWNetCfg, Family, ModelCfg, STViTCfg
 from .converters import to_tokenmixers
+from .models import DWNet, STViT
 
 __all__ = ["SCALES", "FAMILIES", "create_model", "list_models", "model_cfg", "register_family", "register_variant",
-           "register_model_cfg", "default_recipe", "check_model_name", "guess_architecture"]
+           "register_model_cfg", "default_recipe", "check_model_name", "guess_architecture", "reported_top1"]
 
 FAMILIES: dict[str, Family] = {}
-MODEL_CFGS: dict[str, ModelCfg] = {}  # model name -> architecture
+MODEL_CFGS: dict[str, AnyCfg] = {}  # model name -> architecture
 MODEL_FAMILY: dict[str, str] = {}  # model name -> family name
+REPORTED_TOP1: dict[str, float] = dict(configs.TIMM_TOP1)  # model name -> ImageNet-1k top-1 of the official weights
 default_cfgs: dict[str, Any] = {}  # read by timm's register_model
+
+# config type -> (model class, name of its first conv for timm's pretrained_cfg)
+ARCHITECTURES: dict[type, tuple[type[StagedNet], str]] = {
+    ModelCfg: (UnifiedNet, "stem.conv1"),
+    DWNetCfg: (DWNet, "stem.proj"),
+    STViTCfg: (STViT, "stem.0.conv"),
+}
 
 
 def pretrained_cfg(**kwargs: Any) -> dict[str, Any]:
-    """timm pretrained config of a unified model (ImageNet-1k, 224, crop 0.875, bicubic)."""
-    return dict(
-        url="",
-        num_classes=1000,
-        input_size=(3, 224, 224),
-        pool_size=(7, 7),
-        min_input_size=(3, 32, 32),
-        fixed_input_size=False,
-        crop_pct=0.875,
-        interpolation="bicubic",
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        first_conv="stem.conv1",
-        classifier="head.fc",
-        license="apache-2.0",
-        custom_load=True,  # weights files go through tokenmixers.load_checkpoint (conversion, checks)
+    """timm pretrained config of a model (ImageNet-1k, 224, crop 0.875, bicubic); ``kwargs`` override."""
+    return {
+        **dict(
+            url="",
+            num_classes=1000,
+            input_size=(3, 224, 224),
+            pool_size=(7, 7),
+            min_input_size=(3, 32, 32),
+            fixed_input_size=False,
+            crop_pct=0.875,
+            interpolation="bicubic",
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+            first_conv="stem.conv1",
+            classifier="head.fc",
+            license="apache-2.0",
+            custom_load=True,  # weights files go through tokenmixers.load_checkpoint (conversion, checks)
+        ),
         **kwargs,
-    )
+    }
 
 
-def _filter_pretrained(state_dict: dict[str, torch.Tensor], model: UnifiedNet) -> dict[str, torch.Tensor]:
+def _filter_pretrained(state_dict: dict[str, torch.Tensor], model: StagedNet) -> dict[str, torch.Tensor]:
     """timm's local-dir / hub path: convert and adapt the weights like ``load_checkpoint`` does."""
     state_dict, _ = to_tokenmixers(state_dict)
     state_dict, _, mismatched = adapt_state_dict(state_dict, model)
@@ -63,14 +76,14 @@ def _filter_pretrained(state_dict: dict[str, torch.Tensor], model: UnifiedNet) -
     return state_dict
 
 
-def _build(name: str, pretrained: bool = False, **kwargs: Any) -> UnifiedNet:
+def _build(name: str, pretrained: bool = False, **kwargs: Any) -> StagedNet:
     """Build a registered model through timm (pretrained loading, ``features_only``)."""
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if overlay.get("file"):
         # route weight files through tokenmixers.load_checkpoint: conversion, the 'model' entry, clear errors
         kwargs["pretrained_cfg_overlay"] = {"custom_load": True, **overlay}
     return build_model_with_cfg(
-        UnifiedNet,
+        ARCHITECTURES[type(MODEL_CFGS[name])][0],
         name,
         pretrained,
         model_cfg=MODEL_CFGS[name],
@@ -80,26 +93,39 @@ def _build(name: str, pretrained: bool = False, **kwargs: Any) -> UnifiedNet:
     )
 
 
-def register_model_cfg(name: str, cfg: ModelCfg, family: str = "", **pretrained: Any) -> None:
-    """Register ``name`` in timm (and ``tokenmixers.create_model``) as a unified model built from ``cfg``."""
+def register_model_cfg(
+    name: str, cfg: AnyCfg, family: str = "", top1: Optional[float] = None, **pretrained: Any
+) -> None:
+    """Register ``name`` in timm (and ``tokenmixers.create_model``) as a model built from ``cfg``.
+
+    ``cfg`` is a :class:`ModelCfg` (unified backbone) or a published architecture's config
+    (:class:`DWNetCfg`, :class:`STViTCfg`); ``top1`` is the ImageNet-1k accuracy reported for the
+    official weights; ``pretrained`` overrides timm's pretrained_cfg fields.
+    """
+    if type(cfg) not in ARCHITECTURES:
+        raise TypeError(f"unknown config type {type(cfg).__name__}; accepted: {', '.join(t.__name__ for t in ARCHITECTURES)}")
+    model_cls, first_conv = ARCHITECTURES[type(cfg)]
     MODEL_CFGS[name] = cfg
     MODEL_FAMILY[name] = family
-    default_cfgs.update(generate_default_cfgs({name: pretrained_cfg(**pretrained)}))
+    if top1 is not None:
+        REPORTED_TOP1[name] = top1
+        pretrained.setdefault("notes", (f"ImageNet-1k top-1 {top1}% reported for the official weights",))
+    default_cfgs.update(generate_default_cfgs({name: pretrained_cfg(first_conv=first_conv, **pretrained)}))
 
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> UnifiedNet:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> StagedNet:
         return _build(name, pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"{name}: unified backbone with the {cfg.mixer!r} mixer."
+    entrypoint.__doc__ = f"{name}: {model_cls.__name__} with the {cfg.mixer!r} mixer."
     register_model(entrypoint)
     _signature.cache_clear()
 
 
 def _register(family: Family) -> Family:
     FAMILIES[family.name] = family
-    for name, cfg in zip(family.model_names(), family.configs.values()):
-        register_model_cfg(name, cfg, family=family.name)
+    for scale, name, cfg in zip(family.configs, family.model_names(), family.configs.values()):
+        register_model_cfg(name, cfg, family=family.name, top1=family.paper_top1.get(scale))
     return family
 
 
@@ -124,6 +150,11 @@ def register_variant(name: str, base: str, **overrides: Any) -> None:
     register_model_cfg(name, model_cfg(base).replace(**overrides), family=MODEL_FAMILY[base])
 
 
+def reported_top1(name: str) -> Optional[float]:
+    """ImageNet-1k top-1 reported for a model's official weights (ours, or timm's Twins), if known."""
+    return REPORTED_TOP1.get(name)
+
+
 def default_recipe(model: str) -> str:
     """The paper's recipe for a model: ``cnn`` for the convolution families (batch 4096), else ``transformer``."""
     family = FAMILIES.get(MODEL_FAMILY.get(model, ""))
@@ -135,7 +166,7 @@ def list_models(pattern: str = "*") -> list[str]:
     return [n for n in MODEL_CFGS if fnmatch.fnmatch(n, pattern)]
 
 
-def model_cfg(name: str) -> ModelCfg:
+def model_cfg(name: str) -> AnyCfg:
     """The architecture of a registered model."""
     try:
         return MODEL_CFGS[name]
@@ -189,7 +220,7 @@ def guess_architecture(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
     ours = {(k, _squeeze(tuple(v.shape))) for k, v in state_dict.items() if not k.startswith("head.fc.")}
     our_patterns = {_pattern(k) for k, _ in ours}
     names = list_models()
-    first = {family: next(n for n in names if MODEL_FAMILY[n] == family) for family in FAMILIES}
+    first = {family: next(n for n in names if MODEL_FAMILY[n] == family) for family in dict.fromkeys(MODEL_FAMILY.values())}
     family = max(first, key=lambda f: jaccard(our_patterns, {_pattern(k) for k, _ in _signature(first[f])}))
     best, best_score = None, 0.0
     for name in (n for n in names if MODEL_FAMILY[n] == family):
@@ -206,3 +237,8 @@ for _family in configs.FAMILIES:
     _register(_family)
 for _name, (_family_name, _cfg) in configs.VARIANTS.items():
     register_model_cfg(_name, _cfg, family=_family_name)
+for _name, _published in configs.PUBLISHED.items():
+    register_model_cfg(
+        _name, _published.cfg, family=_published.family, top1=_published.top1, paper_name=_published.source,
+        origin_url=_published.url,
+    )

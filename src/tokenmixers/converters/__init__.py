@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from . import mmdet, stm_eval
+from . import dwnet, mmdet, stm_eval, stvit
 
 StateDict = dict[str, torch.Tensor]
 
@@ -17,11 +17,16 @@ StateDict = dict[str, torch.Tensor]
 CONVERTERS: list[tuple[str, Callable[[StateDict], bool], Callable[[StateDict], StateDict]]] = [
     ("mmdet", mmdet.is_mmdet, mmdet.convert),
     ("stm-eval", stm_eval.is_stm_eval, stm_eval.convert),
+    ("dwnet", dwnet.is_dwnet, dwnet.convert),
+    ("stvit", stvit.is_stvit, stvit.convert),
 ]
 
 
 def to_tokenmixers(state_dict: StateDict) -> tuple[StateDict, str]:
-    """Convert a state dict from any known upstream layout; return it with the source's name."""
+    """Convert a state dict from any known upstream layout; return it with the source's name.
+
+    A ``ValueError`` says why an upstream state dict cannot be converted.
+    """
     for name, detect, convert in CONVERTERS:
         if detect(state_dict):
             return convert(state_dict), name

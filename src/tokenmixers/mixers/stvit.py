@@ -13,6 +13,8 @@ gradient through), neighbours outside the grid are zero vectors that still take 
 the attention's qkv channels are grouped per head as ``(q, k, v)``. Any size: the map is
 zero-padded at the bottom/right to whole cells; padded pixels neither enter a super token's
 initial mean nor associate with super tokens, and their outputs are cropped.
+``mask_padding=False`` is the published computation instead (``tokenmixers.models.stvit``): the
+zero pixels count in the cell means and add their uniform association to the super tokens' mass.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class SuperTokenAttention(TokenMixer):
         n_iter: int = 1,
         grad_association: bool = False,
         qkv_bias: bool = True,
+        mask_padding: bool = True,
     ) -> None:
         super().__init__(dim, num_heads, block_index)
         cell = (cell_size, cell_size) if isinstance(cell_size, int) else tuple(cell_size)
@@ -67,6 +70,7 @@ class SuperTokenAttention(TokenMixer):
         if n_iter < 1:
             raise ValueError(f"n_iter must be >= 1, got {n_iter}")
         self.cell, self.n_iter, self.grad_association = cell, n_iter, grad_association
+        self.mask_padding = mask_padding
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # per head: [q | k | v]
         self.proj = nn.Linear(dim, dim)
@@ -87,8 +91,9 @@ class SuperTokenAttention(TokenMixer):
         hh, ww = num_windows(H, h), num_windows(W, w)
         pixels = F.pad(x, (0, 0, 0, ww * w - W, 0, hh * h - H)).view(B, hh, h, ww, w, C)
         pixels = pixels.permute(0, 1, 3, 2, 4, 5).reshape(B, hh, ww, h * w, C)
-        valid = F.pad(x.new_ones(H, W), (0, ww * w - W, 0, hh * h - H)).view(hh, h, ww, w)
-        valid = valid.permute(0, 2, 1, 3).reshape(hh, ww, h * w, 1)  # real pixels of each cell
+        pad = (0, ww * w - W, 0, hh * h - H)
+        valid = F.pad(x.new_ones(H, W), pad, value=0.0 if self.mask_padding else 1.0).view(hh, h, ww, w)
+        valid = valid.permute(0, 2, 1, 3).reshape(hh, ww, h * w, 1)  # the pixels that count in each cell
 
         tokens = (pixels * valid).sum(3) / valid.sum(2).clamp_min(1)  # initial super tokens: cell means
         with nullcontext() if self.grad_association else torch.no_grad():
