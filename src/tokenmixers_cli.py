@@ -126,6 +126,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
     import tokenmixers
     from tokenmixers.checkpoint import checkpoint_classes
 
+    if _holds_detector(args.src):  # mmdet's Mask R-CNN or ours: a detector folder
+        return _convert_detector(args)
+
     num_classes = args.num_classes if args.num_classes is not None else checkpoint_classes(args.src, args.entry)
     model = tokenmixers.create_model(args.model, **({"num_classes": num_classes} if num_classes is not None else {}))
     report = tokenmixers.load_checkpoint(model, args.src, entry=args.entry, label_map=args.label_map)
@@ -243,6 +246,156 @@ def cmd_invariance(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+# -- detection (Mask R-CNN with any backbone) -------------------------------------------------------------
+
+
+def _holds_detector(path: str) -> bool:
+    """Whether a checkpoint holds a whole detector (mmdet's Mask R-CNN or ours), not a classifier."""
+    from tokenmixers.checkpoint import read_state_dict
+    from tokenmixers.converters import to_tokenmixers
+
+    return "roi_heads.box_predictor.cls_score.weight" in to_tokenmixers(read_state_dict(path)[0])[0]
+
+
+def _convert_detector(args: argparse.Namespace) -> None:
+    """``convert`` for a detection checkpoint: a detector folder (model.safetensors + config.json)."""
+    from tokenmixers.detection import load_detector, save_detector
+
+    detector, report = load_detector(args.src, args.model, args.num_classes, reset_heads=args.reset_heads,
+                                     entry=args.entry)
+    print(report)
+    save_detector(detector, args.dst)
+    print(f"wrote {args.dst}/model.safetensors and {args.dst}/config.json (detector, {detector.num_classes} classes)")
+
+
+def _ap_line(iou_type: str, metrics: dict) -> str:
+    """``bbox AP 41.2  AP50 ...`` with '-' where a size range has no objects."""
+    return f"{iou_type:4s} " + "  ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in metrics.items())
+
+
+def cmd_detect_train(args: argparse.Namespace) -> None:
+    """Train a detector with a detection recipe and key=value overrides."""
+    from tokenmixers.detection.train import train_detector
+
+    summary = train_detector(args.recipe, _run_overrides(args))
+    if not _primary():
+        return
+    for iou_type in ("bbox", "segm"):
+        if summary.get(iou_type):
+            print(_ap_line(iou_type, summary[iou_type]))
+    print(f"summary in {summary['output']}/summary.json")
+
+
+def cmd_detect_eval(args: argparse.Namespace) -> None:
+    """COCO bbox (and segm) AP of a detection checkpoint."""
+    import json
+
+    from tokenmixers.detection.evaluate import evaluate_checkpoint
+
+    sizes = {"min_size": args.min_size, "max_size": args.max_size} if args.min_size else {}
+    results = evaluate_checkpoint(args.checkpoint, args.data, model=args.model, split=args.split,
+                                  batch_size=args.batch_size, device=args.device, precision=args.precision,
+                                  workers=args.workers, limit=args.num_images, **sizes)
+    if not _primary():  # every process has the results; one prints and writes them
+        return
+    for iou_type in ("bbox", "segm"):
+        if iou_type in results:
+            print(_ap_line(iou_type, results[iou_type]))
+    skipped = f", {results['skipped_images']} unreadable skipped" if results["skipped_images"] else ""
+    print(f"({results['images']} images{skipped})")
+    if args.out:
+        from tokenmixers.files import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+
+
+def cmd_detect_predict(args: argparse.Namespace) -> None:
+    """Draw a detector's boxes, masks and scores on images; write PNGs."""
+    from tokenmixers.detection import load_detector
+    from tokenmixers.detection.predict import predict_image
+
+    sizes = {"min_size": args.min_size, "max_size": args.max_size} if args.min_size else {}
+    detector, _ = load_detector(args.checkpoint, args.model, **sizes)
+    out = Path(args.out)
+    for image in args.images:
+        target = out / f"{Path(image).stem}_detections.png" if len(args.images) > 1 or out.suffix != ".png" else out
+        output = predict_image(detector, image, target, score_threshold=args.score_threshold, device=args.device)
+        kept = int((output["scores"] >= args.score_threshold).sum())
+        print(f"{image}: {kept} detection(s) scoring >= {args.score_threshold} -> {target}")
+
+
+def cmd_detect_invariance(args: argparse.Namespace) -> None:
+    """Scale invariance (box consistency and box mAP vs scale factor) of detectors."""
+    from tokenmixers.detection.evaluate import run_scale_invariance
+
+    results = run_scale_invariance(args.models, args.data, _checkpoints(args), split=args.split,
+                                   limit=args.num_images, factors=args.factors, base_size=args.base_size,
+                                   reference_score=args.reference_score, device=args.device, workers=args.workers,
+                                   out=args.out)
+    if not _primary():
+        return
+    for name, rows in results.items():
+        worst = min(rows, key=lambda r: r["consistency"])
+        print(f"{name}: lowest box consistency {worst['consistency']:.1f} at x{worst['factor']:g}")
+    print(f"wrote {args.out}")
+
+
+def _add_detect_parsers(sub: argparse._SubParsersAction) -> None:
+    """``tokenmixers detect train | eval | predict | invariance``."""
+    detect = sub.add_parser("detect", help="Mask R-CNN with any backbone: train, eval, predict, invariance")
+    dsub = detect.add_subparsers(dest="detect_command", required=True)
+
+    p = dsub.add_parser("train", help="train a detector (recipes: mask_rcnn_1x, mask_rcnn_3x, or a YAML file)")
+    p.add_argument("overrides", nargs="*", help="settings to change, e.g. epochs=1 batch_size=1 min_size=[320]")
+    p.add_argument("--recipe", default="mask_rcnn_1x", help="mask_rcnn_1x, mask_rcnn_3x or a YAML file")
+    p.add_argument("--model", default=None)
+    p.add_argument("--data", default=None, help="COCO-format folder (instances_<split>.json and the images)")
+    p.add_argument("--output", default=None, help="output folder (checkpoints, metrics, logs)")
+    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    p.set_defaults(func=cmd_detect_train)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None, help="backbone model (needed for mmdet checkpoints)")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--min-size", type=int, default=None, help="test scale: shorter side (default 800)")
+        p.add_argument("--max-size", type=int, default=1333, help="test scale: longer side cap")
+
+    p = dsub.add_parser("eval", help="COCO bbox and segm AP of a detection checkpoint (ours or mmdet's)")
+    p.add_argument("--checkpoint", required=True, help="training checkpoint, detector folder or mmdet checkpoint")
+    p.add_argument("--data", required=True, help="COCO-format folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--num-images", type=int, default=None, help="evaluate the first N images")
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    common(p)
+    p.set_defaults(func=cmd_detect_eval)
+
+    p = dsub.add_parser("predict", help="draw detections (boxes, masks, scores) on images as PNG")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="results/detections", help="a .png file (one image) or a folder")
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    common(p)
+    p.set_defaults(func=cmd_detect_predict)
+
+    p = dsub.add_parser("invariance", help="scale invariance: box consistency and box mAP vs scale factor")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
+    p.add_argument("--data", required=True, help="COCO-format folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--num-images", type=int, default=None, help="use the first N images")
+    p.add_argument("--factors", type=float, nargs="+", default=[0.25 * i for i in range(1, 13)])
+    p.add_argument("--base-size", type=_size, default=(800, 1333), help="standard test scale SHORTxLONG")
+    p.add_argument("--reference-score", type=float, default=0.5,
+                   help="predictions at the standard scale scoring at least this serve as ground truth")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default="results/scale_invariance")
+    p.set_defaults(func=cmd_detect_invariance)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="tokenmixers", description=__doc__)
@@ -279,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=_positive, default=None,
                    help="build the model with this many classes (default: the checkpoint's classifier)")
     p.add_argument("--label-map", default=None, help="file with one source class index per line")
+    p.add_argument("--reset-heads", action="store_true",
+                   help="detection checkpoints: re-initialise the class-specific layers for --num-classes")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train with the paper's recipe (or any recipe) and key=value overrides")
@@ -355,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="results/invariance")
     p.set_defaults(func=cmd_invariance)
+
+    _add_detect_parsers(sub)
     return parser
 
 

@@ -18,6 +18,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", params=PAPER_MODELS)
+def official_weights(request: pytest.FixtureRequest) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(name, float64 official weights)`` of each paper model, re-created once for every parity test.
+
+    Session-scoped and parametrized, so pytest runs the classification and detection parity tests of
+    one model back to back and the weights (seconds of random numbers for a base model) are built once.
+    """
+    from .test_checkpoint import official_state_dict
+
+    return request.param, official_state_dict(request.param)
+
+
 def garbage_pad_to_multiple(t: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     """Like ``layers.pad_to_multiple`` but fills the padding with large values (must never leak)."""
     _, H, W, _ = t.shape

@@ -112,10 +112,12 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         pos: Optional[nn.Module] = None,
         convnext_style: bool = False,
+        pos_residual: bool = True,
     ) -> None:
         super().__init__()
         self.convnext_style = convnext_style
         self.pos = pos if pos is not None else nn.Identity()
+        self.pos_residual = pos_residual  # False: the position encoding reaches only the mixer's input
         self.norm1 = nn.Identity() if convnext_style else nn.LayerNorm(dim, eps=norm_eps)
         self.mixer = mixer
         self.ls1 = nn.Identity() if convnext_style or not layer_scale_init else LayerScale(dim, layer_scale_init)
@@ -126,10 +128,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``."""
-        x = self.pos(x)
+        z = self.pos(x)
+        x = z if self.pos_residual else x
         if self.convnext_style:
-            return x + self.drop_path(self.ls2(self.mlp(self.norm2(self.mixer(x)))))
-        x = x + self.drop_path(self.ls1(self.mixer(self.norm1(x))))
+            return x + self.drop_path(self.ls2(self.mlp(self.norm2(self.mixer(z)))))
+        x = x + self.drop_path(self.ls1(self.mixer(self.norm1(z))))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -481,6 +484,7 @@ class UnifiedNet(StagedNet):
                     drop_path=dp_rates[i][j],
                     pos=_pos_embed(cfg.pos_embed, dim, grid) if cfg.pos_embed_blocks in (j, "all") else None,
                     convnext_style=cfg.block_style == "convnext",
+                    pos_residual=cfg.pos_embed_residual,
                 )
                 for j in range(depth)
             ]

@@ -364,8 +364,11 @@ def load_checkpoint(
         converted, source = to_tokenmixers(raw)
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path} cannot be converted: {err}") from None
-    fitted, adapted, mismatched = adapt_state_dict(converted, model, label_map)
     target = model.state_dict()
+    converted, part = _part_for(converted, target)
+    fitted, adapted, mismatched = adapt_state_dict(converted, model, label_map)
+    if part:
+        adapted.insert(0, part)
     head = model_layer_names(model)[0] + "."
     reinit_head = any(a.startswith(head[:-1] + ":") for a in adapted)
     missing = [
@@ -378,6 +381,18 @@ def load_checkpoint(
         raise CheckpointError(_mismatch_message(path, model, converted, mismatched, missing, unexpected))
     model.load_state_dict({k: fitted.get(k, v) for k, v in target.items()}, strict=True)
     return LoadReport(str(path), source, chosen, adapted, missing, unexpected)
+
+
+def _part_for(state_dict: StateDict, target: Mapping[str, Any]) -> tuple[StateDict, Optional[str]]:
+    """The part of a checkpoint under the prefix that holds the model's keys (a detector's backbone), or all of it."""
+    if any(k in target for k in state_dict):
+        return state_dict, None
+    prefixes = Counter(k[: i + 1] for k in state_dict for i, c in enumerate(k) if c == "." and k[i + 1 :] in target)
+    if not prefixes:
+        return state_dict, None
+    prefix = prefixes.most_common(1)[0][0]
+    part = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return part, f"took the {prefix!r} part of the checkpoint ({len(part)} of {len(state_dict)} entries)"
 
 
 def _mismatch_message(

@@ -14,7 +14,7 @@ import yaml
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 # settings whose value may be null although the default is not
-NULLABLE = {"auto_augment", "color_jitter", "drop_path", "num_classes", "resume", "init_weights", "data", "workers"}
+NULLABLE = {"auto_augment", "backbone_weights", "color_jitter", "drop_path", "num_classes", "resume", "init_weights", "data", "workers"}
 CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "mixup_mode": ("batch", "pair", "elem"),

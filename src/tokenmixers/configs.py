@@ -81,6 +81,9 @@ class ModelCfg(ArchCfg):
             Twins/STViT) before the block(s) named by ``pos_embed_blocks``; ``None``: none.
         pos_embed_blocks: index of the block in each stage that gets the position encoding, or
             ``"all"`` (PVT: 0; Twins: 1, i.e. after the first block; STViT: all).
+        pos_embed_residual: the position encoding is added to the block's input, so it also flows
+            through the residual path (classification); ``False``: only to the mixer's input (the
+            official PVT detection backbone).
         layer_scale_init: initial layer-scale value (``0``/``None`` disables layer scale).
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
         head_hidden_ratio: width of the head's 1x1 projection relative to the last stage (``0``:
@@ -100,6 +103,7 @@ class ModelCfg(ArchCfg):
     norm_eps: float = 1e-5
     pos_embed: Optional[str] = None
     pos_embed_blocks: Union[int, str] = 0
+    pos_embed_residual: bool = True
     layer_scale_init: Optional[float] = 1e-6
     drop_path_rate: float = 0.0
     head_hidden_ratio: float = 1.5

@@ -3,9 +3,9 @@
 The official models keep their blocks as ``stages.<s>.<b>.*`` with per-mixer names
 (``attn.*``, ConvNeXt's ``dw_*``/``pw*``, DCN's ``gamma1``), the stem and downsampling layers as
 ``downsample_layers.*``, the stage norms as ``stage_norms.*`` and the head as
-``conv_head.*``/``head.*``. This module renames every entry onto tokenmixers' names; shapes that
-differ only by layout (1x1 conv vs Linear weights, ``[1,1,1,C]`` vs ``[C]`` layer scales) are
-reshaped by the loader.
+``conv_head.*``/``head.*`` (the detection backbones add ``out_norm_<i>.*``). This module renames
+every entry onto tokenmixers' names; shapes that differ only by layout (1x1 conv vs Linear weights,
+``[1,1,1,C]`` vs ``[C]`` layer scales) are reshaped by the loader.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"^downsample_layers\.(\d+)\.reduction\.0\.", r"stages.\1.downsample.conv."),
     (r"^downsample_layers\.(\d+)\.reduction\.1\.", r"stages.\1.downsample.norm."),
     (r"^stage_norms\.(\d+)\.", r"stages.\1.norm."),
+    (r"^out_norm_(\d+)\.", r"out_norms.\1."),  # detection backbones
     (r"^conv_head\.0\.", "head.proj."),
     (r"^conv_head\.1\.", "head.bn."),
     (r"^avg_head\.1\.", "head.norm."),
@@ -47,7 +48,7 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"(blocks\.\d+)\.pwconv2\.", r"\1.mlp.fc2."),
 )
 _COMPILED = tuple((re.compile(p), r) for p, r in _RENAMES)
-_DROPPED = tuple(re.compile(p) for p in DROPPED)
+DROPPED_PATTERNS = tuple(re.compile(p) for p in DROPPED)
 
 
 def is_stm_eval(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -65,5 +66,5 @@ def rename(key: str) -> str:
 def convert(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an official state dict, dropping the buffers tokenmixers rebuilds."""
     return {
-        rename(k): v for k, v in state_dict.items() if not any(p.search(k) for p in _DROPPED)
+        rename(k): v for k, v in state_dict.items() if not any(p.search(k) for p in DROPPED_PATTERNS)
     }

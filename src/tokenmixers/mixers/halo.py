@@ -6,6 +6,10 @@ query ("query-related", Attention Augmented Conv style): one table per axis, ``(
 head_dim)``. Keys that fall outside the map (the halo at the border, and the bottom/right padding
 added so that any size divides into blocks) are masked, so padding never acts as a token.
 
+``mask_padding=False`` reproduces the official *detection* blocks instead: the map is zero-padded
+at the bottom/right to whole blocks and those padded tokens act as keys (only the halo beyond the
+padded map is masked); at sizes that are multiples of the block both behaviours are the same.
+
 ``query_offset`` moves the query block inside its key window: the default ``halo`` centres it;
 ``0`` puts it in the top-left corner (the paper's Halo-Shift ablation). ``halo_every = 2`` gives
 the Halo-Switch ablation: blocks with an even index attend within their block only.
@@ -87,6 +91,7 @@ class HaloAttention(TokenMixer):
         query_offset: Optional[int] = None,
         halo_every: int = 1,
         qkv_bias: bool = False,
+        mask_padding: bool = True,
     ) -> None:
         super().__init__(dim, num_heads, block_index)
         if block_size < 1 or halo_size < 0:
@@ -101,6 +106,7 @@ class HaloAttention(TokenMixer):
             raise ValueError(f"query_offset must be >= 0, got {query_offset}")
         self.block_size, self.halo_size, self.window, self.query_offset = block_size, halo_size, window, offset
         self.head_dim = dim // num_heads
+        self.mask_padding = mask_padding
 
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)  # per head: [k | v]
@@ -133,6 +139,8 @@ class HaloAttention(TokenMixer):
         """``(B, H, W, C) -> (B, H, W, C)``."""
         B, H, W, C = x.shape
         bs, win, heads, d = self.block_size, self.window, self.num_heads, self.head_dim
+        if not self.mask_padding and (H % bs or W % bs):  # official detection blocks: padding acts as tokens
+            return self.forward(F.pad(x, (0, 0, 0, -W % bs, 0, -H % bs)))[:, :H, :W]
         nh, nw = num_windows(H, bs), num_windows(W, bs)
         before = self.query_offset
         (h0, lh), (w0, lw) = span_h, span_w = _key_span(H, nh, before, win), _key_span(W, nw, before, win)

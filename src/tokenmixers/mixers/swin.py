@@ -15,6 +15,10 @@ shifts on odd blocks, as the detection variant of the official code does; the of
 classification models instead keep their 224-sized masks and misapply them at other sizes.
 A map smaller than one window along an axis uses the map itself as the window there (no padding,
 no shift), which equals padding and masking it, with the same relative-bias table.
+
+``mask_padding=False`` reproduces the official *detection* blocks instead: the map is zero-padded
+to whole windows whose padded tokens act as keys, and odd blocks shift in every stage, even a map
+that fits one window (only the shift regions are masked).
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ class ShiftedWindowAttention(TokenMixer):
         window_size: int = 7,
         shift_size: Optional[int] = None,
         qkv_bias: bool = True,
+        mask_padding: bool = True,
     ) -> None:
         super().__init__(dim, num_heads, block_index)
         shift = window_size // 2 if shift_size is None else shift_size
@@ -59,6 +64,7 @@ class ShiftedWindowAttention(TokenMixer):
         self.window_size = window_size
         self.shift_size = shift if block_index % 2 == 1 else 0
         self.head_dim = dim // num_heads
+        self.mask_padding = mask_padding
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -77,10 +83,14 @@ class ShiftedWindowAttention(TokenMixer):
         wh, ww = min(H, ws), min(W, ws)
         shift_h = self.shift_size if H > ws else 0
         shift_w = self.shift_size if W > ws else 0
+        if not self.mask_padding:  # official detection blocks: whole windows, always shifted, padding unmasked
+            wh = ww = ws
+            shift_h = shift_w = self.shift_size
         N = wh * ww
 
         x = pad_to_multiple(x, (wh, ww))
         Hp, Wp = x.shape[1:3]
+        real_h, real_w = (H, W) if self.mask_padding else (Hp, Wp)
         if shift_h or shift_w:
             x = torch.roll(x, (-shift_h, -shift_w), (1, 2))
         windows = window_partition(x, (wh, ww))  # B, nW, N, C
@@ -90,7 +100,7 @@ class ShiftedWindowAttention(TokenMixer):
 
         index = relative_position_index(wh, ww, ws, x.device)
         bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # heads, N, N
-        mask = window_mask(H, W, wh, ww, shift_h, shift_w, x.device, bias.dtype)
+        mask = window_mask(real_h, real_w, wh, ww, shift_h, shift_w, x.device, bias.dtype)
         bias = bias.expand(nW, heads, N, N) if mask is None else bias + mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, nW * heads, N, N))
 

@@ -1,0 +1,11 @@
+"""Mask R-CNN with any tokenmixers backbone, on plain PyTorch + torchvision (the paper's Table V).
+
+>>> from tokenmixers.detection import create_backbone, create_detector
+>>> backbone = create_backbone("unified_halo_tiny")          # (B, 3, H, W) -> four NCHW maps
+>>> detector = create_detector("unified_halo_tiny", num_classes=80)
+"""
+from .backbone import DetectionBackbone, TimmBackbone, create_backbone, load_imagenet
+from .detector import Detector, create_detector, load_detector, load_detector_weights, save_detector
+
+__all__ = ["DetectionBackbone", "TimmBackbone", "create_backbone", "load_imagenet", "Detector", "create_detector",
+           "load_detector", "load_detector_weights", "save_detector"]

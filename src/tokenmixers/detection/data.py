@@ -1,0 +1,227 @@
+"""COCO-format instance data for detection, checked before training starts.
+
+A data folder holds, per split, an annotation file and the images it names:
+
+* ``root/instances_<split>.json`` or ``root/annotations/instances_<split>[2017].json``;
+* images under ``root/images/``, ``root/<split>/`` or ``root/<split>2017/`` (``file_name`` relative
+  to it).
+
+Masks may be polygons or RLE (compressed or not); a set whose annotations carry no
+``segmentation`` is box-only (Faster R-CNN, bbox AP). Categories are mapped to contiguous labels
+1..K in the order of their ids (0 is background) and mapped back at evaluation.
+
+Checked when the dataset is built, each with a :class:`DataError` naming the file: a missing
+annotation file, images that do not exist, category ids outside ``categories``, boxes with negative
+width or height. Dropped as mmdetection drops them, and counted: crowd boxes and degenerate boxes
+(width or height below one pixel, or no area) from training targets, and in training the images
+left without any box. An image that cannot be decoded is skipped and counted (:meth:`collate`).
+
+Each item is ``(image, target)``: the image as a ``(3, H, W)`` float tensor in [0, 1] at its own
+size (the detector resizes it to 1333x800 and pads to 32), the target with ``boxes`` (xyxy,
+pixels), ``labels``, ``masks`` ``(N, H, W)`` uint8 (when the set has masks) and ``image_id``.
+Training items are flipped horizontally with probability ``hflip``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..data import DataError
+
+PathLike = Union[str, Path]
+
+
+def find_split(root: Path, split: str) -> tuple[Path, Path]:
+    """The annotation file and image folder of a split, or a :class:`DataError` listing where it looked."""
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    candidates = [root / f"instances_{split}.json", root / "annotations" / f"instances_{split}.json",
+                  root / "annotations" / f"instances_{split}2017.json"]
+    annotations = next((p for p in candidates if p.is_file()), None)
+    if annotations is None:
+        raise DataError(f"{root} has no annotation file for the {split!r} split; looked for "
+                        + ", ".join(str(p) for p in candidates))
+    folders = [root / "images", root / split, root / f"{split}2017"]
+    images = next((p for p in folders if p.is_dir()), None)
+    if images is None:
+        raise DataError(f"{root} has no image folder for the {split!r} split; looked for "
+                        + ", ".join(str(p) for p in folders))
+    return annotations, images
+
+
+def load_coco(annotations: Path) -> Any:
+    """A pycocotools ``COCO`` index of an annotation file (its index messages silenced)."""
+    from pycocotools.coco import COCO
+
+    try:
+        data = json.loads(annotations.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{annotations} is not a readable COCO annotation file: {err}") from None
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing or not isinstance(data.get("images"), list):
+        raise DataError(f"{annotations} lacks the COCO key(s) {missing or ['images']} (instances format expected)")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(Dataset):
+    """One split of a COCO-format instance dataset (see the module docstring).
+
+    Args:
+        root: the data folder.
+        split: ``train``, ``val`` or any split with an annotation file.
+        train: training targets (crowd/degenerate boxes dropped, images without boxes left out,
+            random flips); otherwise every image of the split, in file order.
+        hflip: flip probability in training.
+    """
+
+    def __init__(self, root: PathLike, split: str, *, train: bool = False, hflip: float = 0.5) -> None:
+        self.root, self.split, self.train, self.hflip = Path(root).expanduser(), split, train, hflip
+        self.annotation_file, self.image_dir = find_split(self.root, split)
+        self.coco = load_coco(self.annotation_file)
+        self.category_ids = sorted(self.coco.cats)
+        self.categories = [self.coco.cats[c].get("name", str(c)) for c in self.category_ids]
+        self.label_of = {c: i + 1 for i, c in enumerate(self.category_ids)}
+        self.dropped = {"crowd boxes": 0, "degenerate boxes": 0, "images without boxes": 0}
+        self._check()
+        annotations = [a for a in self.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+        self.has_masks = bool(annotations) and all(a.get("segmentation") for a in annotations)
+        ids = [img["id"] for img in self.coco.dataset["images"]]
+        self.targets = {i: self._target(i) for i in ids}
+        if train:
+            kept = [i for i in ids if len(self.targets[i]["boxes"])]
+            self.dropped["images without boxes"] = len(ids) - len(kept)
+            ids = kept
+        self.image_ids = ids
+        self.seed: Optional[int] = None  # per-sample flip seeds (deterministic mode)
+        self.epoch = 0
+
+    @property
+    def name(self) -> str:
+        """``<folder>:<split>`` for messages."""
+        return f"{self.root}:{self.split}"
+
+    @property
+    def num_classes(self) -> int:
+        """Object classes (background not counted)."""
+        return len(self.category_ids)
+
+    def _check(self) -> None:
+        """The problems that stop a run before it starts (:class:`DataError` naming the file)."""
+        where = self.annotation_file
+        images = self.coco.dataset["images"]
+        if not self.category_ids:
+            raise DataError(f"{where} defines no categories")
+        absent = [img["file_name"] for img in images if not (self.image_dir / img["file_name"]).is_file()]
+        if absent:
+            raise DataError(f"{where} names {len(absent)} image(s) missing from {self.image_dir}, e.g. {absent[:3]}")
+        image_ids = {img["id"] for img in images}
+        for ann in self.coco.dataset["annotations"]:
+            if ann.get("category_id") not in self.label_of:
+                raise DataError(f"{where}: annotation {ann.get('id')} has category_id {ann.get('category_id')}, not "
+                                f"among the categories {self.category_ids}")
+            if ann.get("image_id") not in image_ids:
+                raise DataError(f"{where}: annotation {ann.get('id')} names image_id {ann.get('image_id')}, "
+                                "which is not in 'images'")
+            box = ann.get("bbox")
+            if not (isinstance(box, (list, tuple)) and len(box) == 4):
+                raise DataError(f"{where}: annotation {ann.get('id')} has no [x, y, width, height] bbox (got {box!r})")
+            if box[2] < 0 or box[3] < 0:
+                raise DataError(f"{where}: annotation {ann.get('id')} has a box of negative size {box} "
+                                "([x, y, width, height] expected)")
+
+    def _target(self, image_id: int) -> dict[str, Any]:
+        """Boxes, labels and annotations kept for training targets (mmdet's rules)."""
+        info = self.coco.imgs[image_id]
+        boxes, labels, anns = [], [], []
+        for ann in self.coco.imgToAnns.get(image_id, []):
+            x, y, w, h = ann["bbox"]
+            x0, y0 = max(x, 0.0), max(y, 0.0)
+            x1, y1 = min(x + w, info["width"]), min(y + h, info["height"])
+            if ann.get("iscrowd", 0):
+                self.dropped["crowd boxes"] += 1
+            elif ann.get("area", w * h) <= 0 or w < 1 or h < 1 or x1 <= x0 or y1 <= y0:
+                self.dropped["degenerate boxes"] += 1
+            else:
+                boxes.append([x0, y0, x1, y1])
+                labels.append(self.label_of[ann["category_id"]])
+                anns.append(ann)
+        return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor(labels, dtype=torch.int64), "anns": anns}
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> Path:
+        """The file of item ``index``."""
+        return self.image_dir / self.coco.imgs[self.image_ids[index]]["file_name"]
+
+    def __getitem__(self, index: int) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        image_id = self.image_ids[index]
+        try:
+            with Image.open(self.image_path(index)) as img:
+                array = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+            warnings.warn(f"skipping unreadable image {self.image_path(index)}: {err}", stacklevel=2)
+            return None
+        info = self.coco.imgs[image_id]
+        if array.shape[:2] != (info["height"], info["width"]):
+            warnings.warn(f"skipping {self.image_path(index)}: it is {array.shape[1]}x{array.shape[0]} but the "
+                          f"annotations say {info['width']}x{info['height']}", stacklevel=2)
+            return None
+        image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+        stored = self.targets[image_id]
+        target = {"boxes": stored["boxes"].clone(), "labels": stored["labels"].clone(),
+                  "image_id": torch.tensor(image_id)}
+        if self.has_masks:
+            with quiet_pycocotools():
+                masks = [self.coco.annToMask(a) for a in stored["anns"]]
+            h, w = image.shape[1:]
+            target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+        if self.train and self._draw(index) < self.hflip:
+            image, target = flip(image, target)
+        return image, target
+
+    def _draw(self, index: int) -> float:
+        """A uniform number for the flip: per (seed, epoch, index) in deterministic mode, else random."""
+        if self.seed is None:
+            return random.random()
+        return random.Random((self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**31).random()
+
+    @staticmethod
+    def collate(batch: Sequence[Optional[tuple[torch.Tensor, dict]]]) -> tuple[list[torch.Tensor], list[dict], int]:
+        """The readable items as lists (images differ in size); also how many were skipped."""
+        good = [b for b in batch if b is not None]
+        return [b[0] for b in good], [b[1] for b in good], len(batch) - len(good)
+
+
+@contextlib.contextmanager
+def quiet_pycocotools() -> Iterator[None]:
+    """Silence pycocotools' NumPy 2 deprecation warning (``__array__`` without ``copy``), harmless and repeated."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        yield
+
+
+def flip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Horizontal flip of an image and its boxes and masks."""
+    width = image.shape[-1]
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    out = {**target, "boxes": boxes}
+    if "masks" in target:
+        out["masks"] = target["masks"].flip(-1)
+    return image.flip(-1), out

@@ -1,0 +1,422 @@
+"""Mask R-CNN on torchvision with any tokenmixers backbone: mmdetection 2.x's ``mask_rcnn_r50_fpn``.
+
+torchvision's ``GeneralizedRCNN`` with the official detection backbone (:mod:`.backbone`), an FPN of
+256 channels on its four maps plus P6 by max-pooling, and parts set as mmdetection 2.x sets them where
+torchvision's defaults differ in ways that move AP (mmdet value, *torchvision default*):
+
+* anchors of 32-512 px (scale 8 x strides 4-64), ratios 0.5/1/2, centred on the grid and **not
+  rounded** (*rounded to whole pixels*), so converted mmdet checkpoints see the same anchors;
+* RPN and RoI-head box regression with an **L1 loss** (*smooth L1, beta 1/9*), normalised by the
+  sampled anchors / RoIs as both libraries do;
+* **1000 proposals** per image after NMS in training (*2000*); 2000 per level before NMS, 1000/1000
+  in testing, NMS 0.7 (same);
+* **RoIAlign with ``aligned=True`` and ``sampling_ratio=0``** (adaptive) (*aligned=False, 2*), each
+  RoI from FPN level ``floor(log2(sqrt(wh) / 56))`` clamped to 0-3 (same rule);
+* mask targets are the ground-truth masks RoIAligned (aligned) to 28x28 and **binarised at 0.5**
+  (*not aligned, soft*);
+* **mask pasting as mmdet**: each 28x28 mask is sampled bilinearly at the pixel centres of its box
+  (``grid_sample``) and thresholded at 0.5 (*masks padded by one pixel, resized and pasted as
+  probabilities*); the detector returns boolean masks at the original image size;
+* head initialisation as mmdet: Xavier-uniform FPN convs and shared FCs, class scores N(0, 0.01),
+  box deltas N(0, 0.001) (*PyTorch's default init*);
+* the rest is the same in both: 256 RPN anchors per image (half positive, IoU 0.7/0.3), 512 RoIs per
+  image (25 % positive, IoU 0.5, ground truth added), box-delta weights 10/10/5/5, Shared2FC box head
+  of 1024, 4-conv mask head, test score > 0.05, per-class NMS 0.5, 100 detections per image, images
+  resized to 1333x800 keeping the ratio, ImageNet mean/std, batches padded to multiples of 32.
+
+Labels are contiguous: 0 is background, 1..``num_classes`` the object classes (mmdet puts background
+last; :mod:`tokenmixers.converters.mmdet` moves it).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops import FeaturePyramidNetwork, roi_align
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from .backbone import create_backbone
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FPN_CHANNELS = 256
+LEVELS = ("0", "1", "2", "3")
+
+
+class BackboneFPN(nn.Module):
+    """A detection backbone followed by an FPN: ``(B, 3, H, W)`` -> maps ``'0'..'3'`` (strides 4-32) and ``'pool'``."""
+
+    def __init__(self, body: nn.Module, out_channels: int = FPN_CHANNELS) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(list(body.out_channels), out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """Image batch -> the five FPN levels."""
+        return self.fpn(OrderedDict(zip(LEVELS, self.body(x))))
+
+
+class MMDetAnchorGenerator(AnchorGenerator):
+    """torchvision's anchor generator without rounding the base anchors (mmdet 2.x keeps them exact)."""
+
+    def generate_anchors(
+        self, scales: list[int], aspect_ratios: list[float], dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device] = None,
+    ) -> torch.Tensor:
+        """Zero-centred ``(len(ratios) * len(scales), 4)`` anchors, ratio-major as in both libraries."""
+        scales_t = torch.as_tensor(scales, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
+        ws = (scales_t[None, :] / h_ratios[:, None]).reshape(-1)
+        hs = (scales_t[None, :] * h_ratios[:, None]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+
+class LevelRoIAlign(nn.Module):
+    """mmdet's SingleRoIExtractor: RoIAlign (``aligned=True``, adaptive sampling) on each box's FPN level."""
+
+    def __init__(self, output_size: int, strides: tuple[int, ...] = (4, 8, 16, 32), finest_scale: float = 56.0) -> None:
+        super().__init__()
+        self.output_size = (output_size, output_size)
+        self.strides = strides
+        self.finest_scale = finest_scale
+
+    def forward(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: Any = None) -> torch.Tensor:
+        """Boxes ``[(N_i, 4)]`` in image coordinates -> ``(sum N_i, C, S, S)`` features."""
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+        scale = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).clamp_min(0).sqrt()
+        levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6)).clamp(0, len(self.strides) - 1)
+        first = features[LEVELS[0]]
+        out = first.new_zeros((len(rois), first.shape[1]) + self.output_size)
+        for level, stride in enumerate(self.strides):
+            idx = torch.where(levels == level)[0]
+            if len(idx):
+                pooled = roi_align(features[LEVELS[level]], rois[idx].to(first.dtype), self.output_size,
+                                   spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
+                out[idx] = pooled.to(out.dtype)
+        return out
+
+
+class MMDetRPN(RegionProposalNetwork):
+    """torchvision's RPN with mmdet's L1 box loss."""
+
+    def compute_loss(
+        self, objectness: torch.Tensor, pred_bbox_deltas: torch.Tensor, labels: list[torch.Tensor],
+        regression_targets: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objectness BCE over the sampled anchors; L1 on the positive ones, divided by the sampled count."""
+        pos, neg = self.fg_bg_sampler(labels)
+        pos_idx, neg_idx = torch.where(torch.cat(pos))[0], torch.where(torch.cat(neg))[0]
+        sampled = torch.cat([pos_idx, neg_idx])
+        targets = torch.cat(regression_targets)
+        box_loss = F.l1_loss(pred_bbox_deltas[pos_idx], targets[pos_idx], reduction="sum") / max(len(sampled), 1)
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], torch.cat(labels)[sampled])
+        return objectness_loss, box_loss
+
+
+def box_losses(
+    class_logits: torch.Tensor, box_regression: torch.Tensor, labels: list[torch.Tensor], targets: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy over the sampled RoIs and mmdet's L1 loss on the positive ones' class deltas."""
+    labels_t, targets_t = torch.cat(labels), torch.cat(targets)
+    pos = torch.where(labels_t > 0)[0]
+    deltas = box_regression.reshape(len(labels_t), -1, 4)[pos, labels_t[pos]]
+    return {
+        "loss_classifier": F.cross_entropy(class_logits, labels_t),
+        "loss_box_reg": F.l1_loss(deltas, targets_t[pos], reduction="sum") / max(len(labels_t), 1),
+    }
+
+
+def mask_loss(
+    logits: torch.Tensor, boxes: list[torch.Tensor], gt_masks: list[torch.Tensor], matched: list[torch.Tensor],
+    labels: list[torch.Tensor],
+) -> torch.Tensor:
+    """BCE of each positive RoI's class mask against its ground truth RoIAligned (aligned) and binarised at 0.5."""
+    size = logits.shape[-1]
+    targets = []
+    for masks, b, m in zip(gt_masks, boxes, matched):
+        rois = torch.cat([m[:, None].to(b), b], dim=1)
+        aligned = roi_align(masks[:, None].to(b), rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+        targets.append((aligned[:, 0] >= 0.5).to(logits.dtype))
+    target = torch.cat(targets)
+    if target.numel() == 0:
+        return logits.sum() * 0
+    labels_t = torch.cat(labels)
+    return F.binary_cross_entropy_with_logits(logits[torch.arange(len(labels_t), device=logits.device), labels_t], target)
+
+
+class MMDetRoIHeads(RoIHeads):
+    """torchvision's RoI heads with mmdet's training losses (L1 boxes, binarised aligned mask targets)."""
+
+    def forward(
+        self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]],
+        targets: Optional[list[dict[str, torch.Tensor]]] = None,
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Training: the losses; inference: torchvision's detections (boxes, labels, scores, mask probabilities)."""
+        if not self.training:
+            return super().forward(features, proposals, image_shapes)
+        proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
+        class_logits, box_regression = self.box_predictor(self.box_head(self.box_roi_pool(features, proposals, image_shapes)))
+        losses = box_losses(class_logits, box_regression, labels, regression_targets)
+        if self.has_mask():
+            positive = [torch.where(lab > 0)[0] for lab in labels]
+            boxes = [p[i] for p, i in zip(proposals, positive)]
+            logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
+            losses["loss_mask"] = mask_loss(logits, boxes, [t["masks"] for t in targets],
+                                            [m[i] for m, i in zip(matched, positive)],
+                                            [lab[i] for lab, i in zip(labels, positive)])
+        return [], losses
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5) -> torch.Tensor:
+    """mmdet's mask pasting: ``(N, M, M)`` probabilities in boxes -> ``(N, height, width)`` bool masks.
+
+    Each mask is sampled bilinearly at the centres of the pixels around its box and thresholded.
+    """
+    out = torch.zeros((len(masks), height, width), dtype=torch.bool, device=masks.device)
+    for i, (mask, (x0, y0, x1, y1)) in enumerate(zip(masks, boxes.tolist())):
+        xa, ya = max(int(x0) - 1, 0), max(int(y0) - 1, 0)
+        xb, yb = min(int(x1) + 2, width), min(int(y1) + 2, height)
+        if xb <= xa or yb <= ya:
+            continue
+        gx = (torch.arange(xa, xb, device=masks.device, dtype=mask.dtype) + 0.5 - x0) / max(x1 - x0, 1e-6) * 2 - 1
+        gy = (torch.arange(ya, yb, device=masks.device, dtype=mask.dtype) + 0.5 - y0) / max(y1 - y0, 1e-6) * 2 - 1
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]
+        sampled = F.grid_sample(mask[None, None], grid, align_corners=False)[0, 0]
+        out[i, ya:yb, xa:xb] = sampled >= threshold
+    return out
+
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's resize / normalise / pad-to-32, with mmdet's mask pasting on the way back."""
+
+    def postprocess(
+        self, result: list[dict[str, torch.Tensor]], image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, torch.Tensor]]:
+        """Boxes back to the original image size; masks pasted there as ``(N, 1, H, W)`` bool."""
+        if self.training:
+            return result
+        for pred, size, original in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], size, original)
+            if "masks" in pred:
+                pred["masks"] = paste_masks(pred["masks"][:, 0], pred["boxes"], *original)[:, None]
+        return result
+
+
+class Detector(GeneralizedRCNN):
+    """Mask R-CNN (or Faster R-CNN without masks) around a tokenmixers backbone.
+
+    ``detector(images)`` takes a list of ``(3, H, W)`` float images in [0, 1]. In training mode it also
+    takes targets (``boxes`` xyxy, ``labels`` 1..num_classes, ``masks`` (N, H, W) uint8) and returns
+    the losses; in eval mode one dict per image: ``boxes`` (xyxy, original pixels), ``labels``,
+    ``scores`` and, with masks, ``masks`` ``(N, 1, H, W)`` bool.
+    """
+
+    def __init__(self, backbone: BackboneFPN, rpn: MMDetRPN, roi_heads: MMDetRoIHeads, transform: DetectionTransform,
+                 config: dict[str, Any]) -> None:
+        super().__init__(backbone, rpn, roi_heads, transform)
+        self.config = config  # the create_detector arguments that rebuild this detector
+        self.num_classes = config["num_classes"]
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's position tables and embeddings (names as in ``state_dict``)."""
+        body = self.backbone.body
+        names = body.no_weight_decay() if hasattr(body, "no_weight_decay") else set()
+        return {f"backbone.body.{n}" for n in names}
+
+    def set_test_scale(self, min_size: int, max_size: int) -> None:
+        """The size images are resized to in eval mode (shorter side, longer side cap)."""
+        self.transform.min_size = (min_size,)
+        self.transform.max_size = max_size
+
+
+def _init_like_mmdet(model: Detector) -> None:
+    """mmdet's initialisation of the FPN and the box head (the RPN and mask head already match)."""
+    fc_layers = [model.roi_heads.box_head.fc6, model.roi_heads.box_head.fc7]
+    fpn_convs = [m for m in model.backbone.fpn.modules() if isinstance(m, nn.Conv2d)]
+    for layer in fc_layers + fpn_convs:
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    predictor = model.roi_heads.box_predictor
+    for layer, std in ((predictor.cls_score, 0.01), (predictor.bbox_pred, 0.001)):
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+
+
+def create_detector(
+    name: str,
+    num_classes: int,
+    *,
+    masks: bool = True,
+    variant: str = "official",
+    backbone_weights: Optional[Union[str, Path]] = None,
+    min_size: Union[int, tuple[int, ...]] = 800,
+    max_size: int = 1333,
+    rois_per_image: int = 512,
+    fpn_channels: int = FPN_CHANNELS,
+    anchor_scale: float = 8.0,
+    **backbone_kwargs: Any,
+) -> Detector:
+    """Mask R-CNN (mmdetection 2.x ``mask_rcnn_r50_fpn``) with the detection backbone of any model.
+
+    Args:
+        name: a registered unified model (also a user's, e.g. through ``--import``) or a timm model.
+        num_classes: object classes (background not counted).
+        masks: ``False`` builds Faster R-CNN (box-only data).
+        variant: the backbone's ``"official"`` or ``"masked"`` behaviour (:mod:`.backbone`).
+        backbone_weights: an ImageNet classification checkpoint for the backbone (official or ours).
+        min_size, max_size: training/test resize (a tuple of shorter sides is multi-scale training:
+            one is drawn per image; the last is used in eval mode).
+        rois_per_image: RoIs sampled per training image for the heads (mmdet: 512).
+        fpn_channels: width of the FPN, RPN and RoI heads (mmdet: 256). Fewer RoIs and a narrower
+            FPN make a micro detector for small-data runs on a CPU.
+        anchor_scale: anchor side in units of the level's stride (mmdet's ``octave_base_scale``: 8,
+            i.e. 32-512 px); smaller suits small objects at a low resolution.
+        **backbone_kwargs: ``ModelCfg`` fields or timm arguments, e.g. ``drop_path_rate=0.1``.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (object classes, background not counted), got {num_classes}")
+    body = create_backbone(name, variant=variant, weights=backbone_weights, **backbone_kwargs)
+    backbone = BackboneFPN(body, fpn_channels)
+    anchors = MMDetAnchorGenerator(tuple((anchor_scale * s,) for s in (4, 8, 16, 32, 64)), ((0.5, 1.0, 2.0),) * 5)
+    rpn = MMDetRPN(anchors, RPNHead(fpn_channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
+                   positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
+                   post_nms_top_n=dict(training=1000, testing=1000), nms_thresh=0.7)
+    roi_heads = MMDetRoIHeads(
+        LevelRoIAlign(7), TwoMLPHead(fpn_channels * 7 * 7, 1024), FastRCNNPredictor(1024, num_classes + 1),
+        fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=rois_per_image, positive_fraction=0.25, bbox_reg_weights=None,
+        score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
+        mask_roi_pool=LevelRoIAlign(14) if masks else None,
+        mask_head=MaskRCNNHeads(fpn_channels, (fpn_channels,) * 4, 1) if masks else None,
+        mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1) if masks else None,
+    )
+    sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
+    transform = DetectionTransform(sizes, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD), size_divisible=32)
+    config = dict(model=name, num_classes=num_classes, masks=masks, variant=variant, min_size=list(sizes),
+                  max_size=max_size, rois_per_image=rois_per_image, fpn_channels=fpn_channels,
+                  anchor_scale=anchor_scale, **backbone_kwargs)
+    detector = Detector(backbone, rpn, roi_heads, transform, config)
+    _init_like_mmdet(detector)
+    return detector
+
+
+# -- saving and loading --------------------------------------------------------------------------------
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+CLASS_LAYERS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+def save_detector(detector: Detector, directory: Union[str, Path], categories: Optional[list[str]] = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (the ``create_detector`` arguments, category names)."""
+    import json
+
+    import safetensors.torch
+
+    from ..files import atomic_write, atomic_write_text
+
+    directory = Path(directory)
+    state = {k: v.contiguous() for k, v in detector.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(safetensors.torch.save(state)))
+    config = {**detector.config, "categories": categories or detector.config.get("categories")}
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def stored_config(checkpoint: Union[str, Path]) -> dict[str, Any]:
+    """The detector config saved with a checkpoint: ``config.json`` of a folder, or a training checkpoint's ``detector``."""
+    import json
+
+    from ..checkpoint import safe_torch_load
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        return json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).is_file() else {}
+    if path.suffix == ".safetensors" or not path.is_file():
+        return {}
+    state = safe_torch_load(path)
+    return dict(state.get("detector") or {}) if isinstance(state, dict) else {}
+
+
+def load_detector_weights(detector: Detector, checkpoint: Union[str, Path, dict], *, reset_heads: bool = False,
+                          entry: str = "auto") -> Any:
+    """Load a detection checkpoint (ours or mmdet's) into ``detector``, all or nothing; returns the report.
+
+    A checkpoint with another number of classes is refused with a clear message, unless
+    ``reset_heads`` asks to re-initialise the class-specific layers (box predictor, mask logits).
+    """
+    from ..checkpoint import CheckpointError, load_checkpoint, read_state_dict
+    from ..converters import to_tokenmixers
+
+    if isinstance(checkpoint, dict):  # a state dict, or a checkpoint holding one
+        raw = next((checkpoint[k] for k in ("state_dict", "model") if isinstance(checkpoint.get(k), dict)), checkpoint)
+    else:
+        raw, _ = read_state_dict(checkpoint, entry)
+    state, source = to_tokenmixers(raw)
+    own = detector.state_dict()
+    theirs = state.get("roi_heads.box_predictor.cls_score.weight")
+    notes = []
+    if theirs is not None and theirs.shape[0] != own["roi_heads.box_predictor.cls_score.weight"].shape[0]:
+        found, wanted = theirs.shape[0] - 1, detector.num_classes
+        if not reset_heads:
+            raise CheckpointError(
+                f"checkpoint {checkpoint if not isinstance(checkpoint, dict) else '<state dict>'} predicts {found} "
+                f"classes, the detector {wanted}; the detector was left unchanged. To fine-tune on {wanted} classes, "
+                "re-initialise the class-specific layers (box predictor, mask logits): reset_heads=True "
+                "(command line: --reset-heads)."
+            )
+        state = {k: (own[k] if k.startswith(CLASS_LAYERS) else v) for k, v in state.items()}
+        notes.append(f"class-specific layers re-initialised ({found} -> {wanted} classes)")
+    report = load_checkpoint(detector, state, entry=entry)
+    report.source = source
+    if not isinstance(checkpoint, dict):
+        report.path = str(checkpoint)
+    report.adapted += notes
+    return report
+
+
+def load_detector(
+    checkpoint: Union[str, Path], model: Optional[str] = None, num_classes: Optional[int] = None, *,
+    reset_heads: bool = False, entry: str = "auto", **kwargs: Any,
+) -> tuple[Detector, Any]:
+    """A detector rebuilt from a checkpoint (our folder or training checkpoint, or mmdet's with ``model``).
+
+    Returns the detector and the load report. ``num_classes`` defaults to the checkpoint's; another
+    value needs ``reset_heads=True``. ``kwargs`` go to :func:`create_detector` (e.g. ``min_size``).
+    """
+    from ..checkpoint import read_state_dict
+    from ..converters import to_tokenmixers
+
+    config = stored_config(checkpoint)
+    name = model or config.get("model")
+    if name is None:
+        raise ValueError(f"{checkpoint} does not say which backbone it was trained with: pass the model name "
+                         "(e.g. model='unified_halo_tiny', command line --model)")
+    raw = read_state_dict(checkpoint, entry)[0]
+    state, _ = to_tokenmixers(raw)
+    if "roi_heads.box_predictor.cls_score.weight" not in state:
+        raise ValueError(f"{checkpoint} holds no detector (no box predictor); for a classification checkpoint "
+                         "use backbone_weights= (command line --backbone-weights)")
+    found = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
+    options = {k: config[k] for k in ("variant", "max_size", "rois_per_image", "fpn_channels", "anchor_scale")
+               if k in config}
+    if "min_size" in config:
+        options["min_size"] = tuple(config["min_size"])
+    options.update(kwargs)
+    masks = any(k.startswith("roi_heads.mask_predictor.") for k in state)
+    detector = create_detector(name, num_classes or found, masks=masks, **options)
+    detector.config["categories"] = config.get("categories")
+    report = load_detector_weights(detector, raw, reset_heads=reset_heads)
+    report.path = str(checkpoint)
+    return detector, report
