@@ -75,7 +75,8 @@ def size_cache(fn: F_) -> F_:
     """Memoise a pure function of sizes/devices/dtypes that builds constant tensors (masks, indices).
 
     The cache is bypassed while ``torch.compile``/``torch.export`` trace (their fake tensors must not
-    be stored) and for the meta device.
+    be stored) and for the meta device. Entries are built outside inference mode: an inference tensor
+    cached by an evaluation under ``torch.inference_mode`` could not be used by a later training step.
     """
     cache: dict[tuple, Any] = {}
 
@@ -86,7 +87,8 @@ def size_cache(fn: F_) -> F_:
         if args not in cache:
             if len(cache) >= 128:
                 cache.clear()
-            cache[args] = fn(*args)
+            with torch.inference_mode(False):
+                cache[args] = fn(*args)
         return cache[args]
 
     return wrapper  # type: ignore[return-value]
