@@ -1,47 +1,72 @@
-"""CPU speed of the micro and tiny models: eager vs channels-last vs torch.compile, 1 and 2 threads.
+"""Speed and training memory of the paper models, side by side with the official implementation.
 
-Compares with the official STM-Evaluation implementation measured on the same kind of machine
-(2-core Xeon, fp32, 224x224, micro batch 32 / tiny batch 8, median of 7 after 2 warm-ups;
-training: micro batch 16, forward + cross-entropy + backward + AdamW step). Shared CPUs are noisy,
-so models are timed round-robin (every model once per round) and the dense fp32 matmul peak is
-probed before and after: the "share of peak" column compares work rates independent of load.
+Both implementations run in this process with the same weights (the official ones, loaded into ours),
+timed round-robin: every iteration runs ours and then the official model, so a change of load on a
+shared machine hits both; the speed-up is the median of the per-iteration ratios. The dense fp32
+matmul throughput is probed before and after, to show how loaded the machine was.
 
-    python benchmarks/speed.py                      # everything (about 20 minutes on 2 cores)
-    python benchmarks/speed.py --modes eager --threads 2 --scales micro
+    python benchmarks/speed.py --official /path/to/official-copy      # the table of benchmarks/README.md
+    python benchmarks/speed.py --families halo pvt --scales micro --tasks infer
+    python benchmarks/speed.py --modes channels_last compile bf16       # our faster modes, ours only
 
-Prints markdown tables and writes benchmarks/results/speed.json.
+The official copy is the scratch folder made by ``official_setup.py`` (its ``classification/`` is
+imported); it can also be given as ``TOKENMIXERS_OFFICIAL``. Without it only our numbers are printed.
+
+Tasks (fp32, 224x224, eager, the default ``timm.create_model(name)``):
+
+* ``infer``: a forward pass under ``torch.inference_mode`` (micro batch 32, tiny batch 8);
+* ``train``: forward, cross-entropy, backward and an AdamW step (micro batch 16, tiny batch 8);
+* ``memory``: the peak of tensor memory allocated during one such training step, above what the
+  model and its optimizer state hold before it (CPU allocations recorded by ``torch.profiler``).
+
+Prints markdown tables ready for benchmarks/README.md and writes ``results/speed.json``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
 import json
+import os
+import platform
 import statistics
+import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import timm
 import torch
-
-import tokenmixers
-from tokenmixers.bench import count_macs
-from tokenmixers.files import atomic_write_text
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 FAMILIES = ("halo", "pvt", "swin", "convnext", "dcn_v3")
-BATCH = {"micro": 32, "tiny": 8}
-# Official implementation, median over 5 runs (img/s, share of the matmul peak); training micro batch 16.
-OFFICIAL_INFER = {
-    "unified_halo_micro": (17.4, 0.135), "unified_pvt_micro": (49.3, 0.236), "unified_swin_micro": (31.2, 0.179),
-    "unified_convnext_micro": (51.1, 0.270), "unified_dcn_v3_micro": (18.3, 0.100),
-    "unified_halo_tiny": (5.7, 0.250), "unified_pvt_tiny": (11.1, 0.433), "unified_swin_tiny": (8.7, 0.353),
-    "unified_convnext_tiny": (12.6, 0.493), "unified_dcn_v3_tiny": (5.0, 0.195),
-}
-OFFICIAL_TRAIN = {
-    "unified_halo_micro": (7.6, 0.158), "unified_pvt_micro": (20.6, 0.320), "unified_swin_micro": (14.3, 0.255),
-    "unified_convnext_micro": (12.2, 0.200), "unified_dcn_v3_micro": (7.5, 0.119),
-}
+INFER_BATCH = {"micro": 32, "tiny": 8}
+TRAIN_BATCH = {"micro": 16, "tiny": 8}
+MODES = ("channels_last", "compile", "bf16")
+Step = Callable[[], None]
 
 
-def matmul_peak(n: int = 2048, reps: int = 9) -> float:
+def load_official(path: str) -> dict[str, Callable[..., torch.nn.Module]]:
+    """Import the official models from a scratch copy and return their timm entry points by name.
+
+    Must run before ``tokenmixers`` is imported: both register the same names in timm. Fused
+    attention is switched off for timm's layers, as in the timm 0.6.7 the official code pins.
+    """
+    root = Path(path) / "classification"
+    if not (root / "models" / "__init__.py").is_file():
+        raise SystemExit(f"{path} is not a copy made by official_setup.py (no classification/models)")
+    sys.path.insert(0, str(root))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import models  # noqa: F401  (registers the official unified_* models in timm)
+    timm.layers.set_fused_attn(False)
+    registry = timm.models._registry._model_entrypoints
+    return {name: fn for name, fn in registry.items() if name.startswith("unified_")}
+
+
+def matmul_peak(n: int = 2048, reps: int = 7) -> float:
     """Dense fp32 matmul GFLOP/s (median) with the current thread count."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -53,111 +78,196 @@ def matmul_peak(n: int = 2048, reps: int = 9) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def round_robin(fns: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, float]:
-    """Median seconds per call of each function, interleaving the functions every round."""
-    for fn in fns.values():
+def round_robin(steps: dict[str, Step], warmup: int, iters: int) -> dict[str, list[float]]:
+    """Seconds per call of every step, all steps once per iteration (after ``warmup`` calls each)."""
+    for step in steps.values():
         for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(iters):
-        for name, fn in fns.items():
+        for name, step in steps.items():
             t = time.perf_counter()
-            fn()
+            step()
             times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
-def inference_fns(names: list[str], mode: str) -> dict[str, Callable[[], None]]:
-    """One inference closure per model for ``mode`` in eager / channels_last / compile."""
-    fns = {}
-    for name in names:
-        model = tokenmixers.create_model(name).eval()
-        x = torch.randn(BATCH[name.rsplit("_", 1)[1]], 3, 224, 224)
-        if mode == "channels_last":
-            model = model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        fn = torch.compile(model, dynamic=False) if mode == "compile" else model
-
-        def run(fn: Callable = fn, x: torch.Tensor = x) -> None:
-            with torch.inference_mode():
-                fn(x)
-
-        fns[name] = run
-    return fns
+def speedup(times: dict[str, list[float]], slow: str, fast: str) -> float:
+    """Median over iterations of ``time(slow) / time(fast)``."""
+    return statistics.median(a / b for a, b in zip(times[slow], times[fast]))
 
 
-def train_fns(names: list[str]) -> dict[str, Callable[[], None]]:
-    """One training-step closure per model (batch 16, as the official measurement)."""
-    fns = {}
-    for name in names:
-        model = tokenmixers.create_model(name).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-        x, y = torch.randn(16, 3, 224, 224), torch.randint(0, 1000, (16,))
+def inference_step(model: torch.nn.Module, batch: int, mode: str = "eager") -> Step:
+    """One forward pass of a ``batch`` of 224x224 images in ``mode`` (eager or one of MODES)."""
+    model = model.eval()
+    x = torch.randn(batch, 3, 224, 224)
+    if mode == "channels_last":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    fn = torch.compile(model, dynamic=False) if mode == "compile" else model
 
-        def step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt, x=x, y=y) -> None:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def step() -> None:
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=mode == "bf16"):
+            fn(x)
 
-        fns[name] = step
-    return fns
+    return step
+
+
+def training_step(model: torch.nn.Module, batch: int) -> Step:
+    """One forward, cross-entropy, backward and AdamW step on a ``batch`` of random images."""
+    model = model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
+
+    def step() -> None:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peak_memory(step: Step) -> float:
+    """MiB: the peak of CPU tensor memory allocated during ``step`` above the level before it."""
+    from torch._C._profiler import _EventType
+
+    step()  # optimizer state and caches exist before the measured step
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields))
+    if not allocations:
+        return float("nan")
+    allocations.sort(key=lambda a: a[0])
+    before = allocations[0][1].total_allocated - allocations[0][1].alloc_size
+    return (max(e.total_allocated for _, e in allocations) - before) / 2**20
+
+
+def compare(name: str, ours: torch.nn.Module, official: Optional[torch.nn.Module], args: argparse.Namespace) -> dict:
+    """All requested measurements of one model (ours, and the official one if given)."""
+    from tokenmixers import load_checkpoint
+
+    scale = name.rsplit("_", 1)[1]
+    row: dict[str, Any] = {}
+    models = {"ours": ours} if official is None else {"ours": ours, "official": official}
+    if official is not None:  # same weights, same function: check it before timing
+        load_checkpoint(ours, {"model": official.state_dict()})
+        x = torch.randn(2, 3, 224, 224)
+        with torch.inference_mode():
+            row["max_abs_diff"] = (ours.eval()(x) - official.eval()(x)).abs().max().item()
+    if "infer" in args.tasks:
+        steps = {k: inference_step(m, INFER_BATCH[scale]) for k, m in models.items()}
+        times = round_robin(steps, args.warmup, args.iters)
+        row["infer"] = {k: INFER_BATCH[scale] / statistics.median(t) for k, t in times.items()}
+        if official is not None:
+            row["infer"]["speedup"] = speedup(times, "official", "ours")
+    if "train" in args.tasks:
+        steps = {k: training_step(m, TRAIN_BATCH[scale]) for k, m in models.items()}
+        times = round_robin(steps, 1, args.train_iters)
+        row["train"] = {k: TRAIN_BATCH[scale] / statistics.median(t) for k, t in times.items()}
+        if official is not None:
+            row["train"]["speedup"] = speedup(times, "official", "ours")
+    if "memory" in args.tasks:
+        row["memory_mib"] = {k: peak_memory(training_step(m, TRAIN_BATCH[scale])) for k, m in models.items()}
+    if args.modes:
+        steps = {"eager": inference_step(ours, INFER_BATCH[scale])}
+        steps.update({mode: inference_step(copy.deepcopy(ours), INFER_BATCH[scale], mode) for mode in args.modes})
+        times = round_robin(steps, args.warmup, args.iters)
+        row["modes"] = {k: INFER_BATCH[scale] / statistics.median(t) for k, t in times.items()}
+        row["modes_speedup"] = {k: speedup(times, "eager", k) for k in args.modes}
+    return row
+
+
+def cpu_name() -> str:
+    """The CPU model, from /proc/cpuinfo where available."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _fmt(value: Optional[float], spec: str = ".1f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def tables(results: dict[str, dict], side_by_side: bool) -> str:
+    """Markdown tables of the results."""
+    lines = []
+    if side_by_side:
+        lines += [
+            "| model | inference img/s: ours / official | speed-up | training img/s: ours / official | speed-up "
+            "| training peak MiB: ours / official |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in results.items():
+            inf, tr, mem = r.get("infer", {}), r.get("train", {}), r.get("memory_mib", {})
+            lines.append(
+                f"| {name} | {_fmt(inf.get('ours'))} / {_fmt(inf.get('official'))} | {_fmt(inf.get('speedup'), '.2f')}× "
+                f"| {_fmt(tr.get('ours'))} / {_fmt(tr.get('official'))} | {_fmt(tr.get('speedup'), '.2f')}× "
+                f"| {_fmt(mem.get('ours'), '.0f')} / {_fmt(mem.get('official'), '.0f')} |"
+            )
+    else:
+        lines += ["| model | inference img/s | training img/s | training peak MiB |", "|---|---|---|---|"]
+        for name, r in results.items():
+            lines.append(
+                f"| {name} | {_fmt(r.get('infer', {}).get('ours'))} | {_fmt(r.get('train', {}).get('ours'))} "
+                f"| {_fmt(r.get('memory_mib', {}).get('ours'), '.0f')} |"
+            )
+    modes = [m for m in MODES if any(m in r.get("modes", {}) for r in results.values())]
+    if modes:
+        lines += ["", "| model | eager img/s | " + " | ".join(f"{m} img/s (× eager)" for m in modes) + " |",
+                  "|---|---|" + "---|" * len(modes)]
+        for name, r in results.items():
+            cells = [f"{r['modes'][m]:.1f} ({r['modes_speedup'][m]:.2f}×)" for m in modes]
+            lines.append(f"| {name} | {r['modes']['eager']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    """Run the measurements, print tables, write JSON."""
+    """Parse options, measure, print the tables and write the JSON results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scales", nargs="+", default=["micro", "tiny"], choices=list(BATCH))
-    parser.add_argument("--modes", nargs="+", default=["eager", "channels_last", "compile"],
-                        choices=["eager", "channels_last", "compile"])
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--iters", type=int, default=7)
-    parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--official", default=os.environ.get("TOKENMIXERS_OFFICIAL"),
+                        help="scratch copy of the official code (default: $TOKENMIXERS_OFFICIAL)")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--scales", nargs="+", default=["micro", "tiny"], choices=list(INFER_BATCH))
+    parser.add_argument("--tasks", nargs="*", default=["infer", "train", "memory"], choices=["infer", "train", "memory"])
+    parser.add_argument("--modes", nargs="*", default=[], choices=MODES,
+                        help="also time these inference modes of our models against eager")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10, help="inference iterations per model")
+    parser.add_argument("--train-iters", type=int, default=6, help="training iterations per model")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
     args = parser.parse_args()
 
-    names = [f"unified_{f}_{s}" for s in args.scales for f in FAMILIES]
-    results: dict[str, Any] = {"torch": torch.__version__, "infer": {}, "train": {}, "peak_gflops": {}}
-    macs = {n: count_macs(tokenmixers.create_model(n))["macs"] for n in names}
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for mode in args.modes:
-            key = f"{mode}/{threads}t"
-            peak_before = matmul_peak()
-            for scale in args.scales:
-                group = [n for n in names if n.endswith(scale)]
-                secs = round_robin(inference_fns(group, mode), warmup=2, iters=args.iters)
-                for n, s in secs.items():
-                    results["infer"].setdefault(n, {})[key] = BATCH[scale] / s
-            results["peak_gflops"][key] = (peak_before + matmul_peak()) / 2
-            print(f"done {key}", flush=True)
-    if not args.no_train and "micro" in args.scales:
-        torch.set_num_threads(2)
-        peak = matmul_peak()
-        secs = round_robin(train_fns([n for n in names if n.endswith("micro")]), warmup=2, iters=args.iters)
-        peak = (peak + matmul_peak()) / 2
-        results["peak_gflops"]["train/2t"] = peak
-        for n, s in secs.items():
-            results["train"][n] = {"img_s": 16 / s, "share_of_peak": 16 / s * 3 * 2 * macs[n] / (peak * 1e9)}
+    torch.set_num_threads(args.threads)
+    official = load_official(args.official) if args.official else {}
+    import tokenmixers  # noqa: F401  (after the official import: our names win in timm's registry)
+    from tokenmixers.files import atomic_write_text
 
-    keys = list(next(iter(results["infer"].values())))
-    print("\n## Inference, img/s (224x224; micro batch 32, tiny batch 8)\n")
-    header = "| model | " + " | ".join(keys) + " | official 2t | speed-up | share of peak: ours / official |"
-    print(header + "\n|" + "---|" * (header.count("|") - 1))
-    ref_key = "eager/2t" if "eager/2t" in keys else keys[-1]
-    for n, row in results["infer"].items():
-        off_ips, off_share = OFFICIAL_INFER[n]
-        share = row[ref_key] * 2 * macs[n] / (results["peak_gflops"][ref_key] * 1e9)
-        row["share_of_peak"] = share
-        cells = " | ".join(f"{row[k]:.1f}" for k in keys)
-        print(f"| {n} | {cells} | {off_ips:.1f} | {row[ref_key] / off_ips:.2f}x | {share:.3f} / {off_share:.3f} |")
-    print("\nmatmul peak (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["peak_gflops"].items()))
-    if results["train"]:
-        print("\n## Training step, micro batch 16, 2 threads\n\n| model | img/s | official | speed-up | share of peak: ours / official |\n|---|---|---|---|---|")
-        for n, r in results["train"].items():
-            off_ips, off_share = OFFICIAL_TRAIN[n]
-            print(f"| {n} | {r['img_s']:.1f} | {off_ips:.1f} | {r['img_s'] / off_ips:.2f}x | {r['share_of_peak']:.3f} / {off_share:.3f} |")
-    atomic_write_text(args.out, json.dumps(results, indent=2))
+    peak_before = matmul_peak()
+    results = {}
+    for scale in args.scales:
+        for family in args.families:
+            name = f"unified_{family}_{scale}"
+            torch.manual_seed(0)
+            ours = timm.create_model(name)
+            theirs = official[name]() if official else None
+            results[name] = compare(name, ours, theirs, args)
+            print(f"{name}: {json.dumps(results[name])}", flush=True)
+    peaks = (peak_before, matmul_peak())
+    header = (
+        f"{datetime.date.today()}, torch {torch.__version__}, {cpu_name()}, "
+        f"{args.threads} threads, fp32 matmul {peaks[0]:.0f} / {peaks[1]:.0f} GFLOP/s before / after"
+    )
+    print(f"\n{header}\n\n{tables(results, bool(official))}")
+    atomic_write_text(args.out, json.dumps({"setup": header, "results": results}, indent=2))
     print(f"\nwrote {args.out}")
 
 
