@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import tokenmixers_cli
-from tokenmixers.config import build_config
 from tokenmixers.data import DataError
 from tokenmixers.detection.train import lr_factor, param_groups, recipe_path, train_detector
+from tokenmixers.recipe import build_config
 from tokenmixers.runs import Interrupted
 
 from .conftest import SHARED, cli

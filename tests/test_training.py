@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenmixers.config import apply_overrides, build_config, load_recipe
 from tokenmixers.data import DataError, build_dataset
 from tokenmixers.hub import load_pretrained
+from tokenmixers.recipe import apply_overrides, build_config, load_recipe
 from tokenmixers.runs import RunError
 from tokenmixers.training import lr_for, resolve_workers, train
 

@@ -27,11 +27,11 @@ import torch
 from .augment import build_transform
 from .bench import count_macs, count_params, measure_speed, resolve_models
 from .checkpoint import load_checkpoint
-from .config import build_config, parse_overrides
 from .configs import PAPER_FAMILIES
 from .data import ImageDataset, build_dataset
 from .distributed import init_distributed
 from .files import atomic_write, atomic_write_csv, atomic_write_text
+from .recipe import build_config, parse_overrides
 from .stats import accuracy, paired_difference
 from .zoo import create_model, list_models
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 SCALES = ("micro", "tiny", "small", "base")
 BLOCK_STYLES = ("transformer", "convnext")
@@ -471,11 +471,3 @@ def builtin_models() -> dict[str, tuple[str, AnyCfg]]:
     published = {name: (p.family, p.cfg) for name, p in PUBLISHED.items()}
     return {**models, **VARIANTS, **published}
 
-
-def as_cfg(value: Union[ModelCfg, Mapping[str, Any], Sequence[Any]]) -> ModelCfg:
-    """A ``ModelCfg`` from a config, a mapping of its fields (e.g. JSON) or positional fields."""
-    if isinstance(value, ModelCfg):
-        return value
-    if isinstance(value, Mapping):
-        return ModelCfg(**value)
-    return ModelCfg(*value)

@@ -2,7 +2,7 @@
 
 ``train(recipe, overrides)`` runs a whole training job and returns its summary; ``evaluate``
 measures top-1/top-5 and ``evaluate_checkpoint`` does so for a checkpoint, with the data settings
-of the run that wrote it. The recipe machinery is in :mod:`tokenmixers.config`, the data in
+of the run that wrote it. The recipe machinery is in :mod:`tokenmixers.recipe`, the data in
 :mod:`tokenmixers.data`, the run folder, checkpoints and interrupts in :mod:`tokenmixers.runs`.
 timm provides the transforms, Mixup/CutMix, losses, EMA, the optimizer's parameter groups (no
 weight decay for norms, biases, 1-D parameters and ``no_weight_decay()`` names) and the per-step
@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .augment import build_transform
 from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, safe_torch_load
-from .config import build_config
 from .data import DataError, EpochSampler, ImageDataset, ShardSampler, build_dataset, check_labels
 from .distributed import DistInfo, all_reduce_sum, barrier, convert_batchnorm, init_distributed, on_primary
 from .files import atomic_copy, atomic_write_csv, atomic_write_text
+from .recipe import build_config
 from .runs import (
     Interrupted,
     RunError,

@@ -3,7 +3,7 @@
 ``train_detector(recipe, overrides)`` trains a :func:`~tokenmixers.detection.create_detector`
 detector on a COCO-format folder and returns its summary. Recipes are YAML files in
 ``recipes/detection`` (``mask_rcnn_1x``, ``mask_rcnn_3x``, ``smoke``) or any path, with
-``key=value`` overrides (:mod:`tokenmixers.config`). What it shares with classification
+``key=value`` overrides (:mod:`tokenmixers.recipe`). What it shares with classification
 (:mod:`tokenmixers.runs`, :mod:`tokenmixers.training`): the locked run folder, atomic full-state
 checkpoints (``last.pth``, ``best.pth`` by bbox AP, ``epoch_XXXX.pth``), ``resume=auto``,
 SIGINT/SIGTERM -> save and stop, DDP under torchrun / SLURM, AMP, the progress bar, ``metrics.csv``,
@@ -29,10 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import __version__
-from ..config import build_config
 from ..data import DataError, EpochSampler
 from ..distributed import DistInfo, all_reduce_sum, barrier, init_distributed, on_primary
 from ..files import atomic_copy, atomic_write_csv, atomic_write_text
+from ..recipe import build_config
 from ..runs import (
     Interrupted,
     RunError,
