@@ -153,6 +153,8 @@ def compare(name: str, ours: torch.nn.Module, official: Optional[torch.nn.Module
     scale = name.rsplit("_", 1)[1]
     row: dict[str, Any] = {}
     models = {"ours": ours} if official is None else {"ours": ours, "official": official}
+    # the official Halo caches a mask built in inference mode, which autograd then refuses: train fresh copies
+    untouched = {k: copy.deepcopy(m) for k, m in models.items()}
     if official is not None:  # same weights, same function: check it before timing
         load_checkpoint(ours, {"model": official.state_dict()})
         x = torch.randn(2, 3, 224, 224)
@@ -165,13 +167,15 @@ def compare(name: str, ours: torch.nn.Module, official: Optional[torch.nn.Module
         if official is not None:
             row["infer"]["speedup"] = speedup(times, "official", "ours")
     if "train" in args.tasks:
-        steps = {k: training_step(m, TRAIN_BATCH[scale]) for k, m in models.items()}
+        steps = {k: training_step(copy.deepcopy(m), TRAIN_BATCH[scale]) for k, m in untouched.items()}
         times = round_robin(steps, 1, args.train_iters)
         row["train"] = {k: TRAIN_BATCH[scale] / statistics.median(t) for k, t in times.items()}
         if official is not None:
             row["train"]["speedup"] = speedup(times, "official", "ours")
     if "memory" in args.tasks:
-        row["memory_mib"] = {k: peak_memory(training_step(m, TRAIN_BATCH[scale])) for k, m in models.items()}
+        row["memory_mib"] = {
+            k: peak_memory(training_step(copy.deepcopy(m), TRAIN_BATCH[scale])) for k, m in untouched.items()
+        }
     if args.modes:
         steps = {"eager": inference_step(ours, INFER_BATCH[scale])}
         steps.update({mode: inference_step(copy.deepcopy(ours), INFER_BATCH[scale], mode) for mode in args.modes})
