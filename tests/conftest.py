@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,10 @@ def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
         code = exit_.code if isinstance(exit_.code, int) else 1
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now: concurrent torchrun tests (pytest -n 2) must not share one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

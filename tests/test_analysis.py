@@ -27,7 +27,7 @@ from tokenmixers.analysis.invariance import (
 )
 from tokenmixers.data import DataError
 
-from .conftest import SHARED, cli
+from .conftest import SHARED, cli, free_port
 
 
 class ConvStack(nn.Module):
@@ -296,7 +296,7 @@ def test_invariance_under_torchrun_counts_each_image_once(tmp_path: Path) -> Non
     single = _cli(*args, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
          "-m", "tokenmixers", *args, "--out", str(tmp_path / "two")],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -19,7 +19,7 @@ from tokenmixers.detection.train import lr_factor, param_groups, recipe_path, tr
 from tokenmixers.recipe import build_config
 from tokenmixers.runs import Interrupted
 
-from .conftest import SHARED, cli
+from .conftest import SHARED, cli, free_port
 
 NUCLEI = SHARED / "data" / "coco-nuclei"
 # the smoke recipe (a micro detector at the tiles' own 256 px, one image per step), evaluated on the training tiles
@@ -124,7 +124,7 @@ def test_torchrun_evaluates_every_image_once(tmp_path: Path) -> None:
                   tmp_path / "det", categories=["nucleus"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
          "-m", "tokenmixers", "detect", "eval", "--checkpoint", str(tmp_path / "det"), "--data", str(NUCLEI),
          "--split", "train", "--workers", "0", "--batch-size", "1", "--out", str(tmp_path / "ap.json")],
         capture_output=True, text=True, env=env)

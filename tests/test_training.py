@@ -22,7 +22,7 @@ from tokenmixers.recipe import apply_overrides, build_config, load_recipe
 from tokenmixers.runs import RunError
 from tokenmixers.training import lr_for, resolve_workers, train
 
-from .conftest import QUICK, SHARED, cli
+from .conftest import QUICK, SHARED, cli, free_port
 
 
 def _cli(*args: str) -> list[str]:
@@ -316,7 +316,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
          "-m", "tokenmixers", "train", "--recipe", "digits", f"output={tmp_path / 'two'}", *common, "batch_size=16"],
         capture_output=True, text=True, env=env,
     )
@@ -340,10 +340,10 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
 
 def test_slurm_launch_without_torchrun(tmp_path: Path) -> None:
     # what srun does: start N copies with SLURM_* set; ranks, world size and rendezvous come from them
-    procs = []
+    procs, port = [], free_port()
     for rank in range(2):
         env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "OMP_NUM_THREADS": "1"}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(key, None)
         procs.append(subprocess.Popen(_cli("train", "--recipe", "digits", f"output={tmp_path}",

@@ -26,14 +26,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .checkpoint import group_keys, safe_torch_load
-from .files import atomic_write
+from .files import atomic_copy, atomic_write
 
 LOCK_NAME = ".lock"
 CHECKPOINT_NAME = "last.pth"
@@ -217,6 +217,25 @@ def save_state(path: os.PathLike, parts: Mapping[str, Any], **values: Any) -> Pa
     if overlap:
         raise ValueError(f"save_state: {sorted(overlap)} given both as parts and as values")
     return atomic_write(path, lambda f: torch.save({**state, **values}, f))
+
+
+def keep_snapshots(last: Path, epoch: int, snapshots: Sequence[str], keep: int) -> None:
+    """Copy ``last`` to ``epoch_NNNN.pth`` (keeping the newest ``keep``) and/or ``best.pth``, as ``snapshots`` ask."""
+    if "epoch" in snapshots:
+        atomic_copy(last, last.parent / f"epoch_{epoch:04d}.pth")
+        kept = sorted(last.parent.glob("epoch_*.pth"))
+        for old in kept[: max(len(kept) - keep, 0)]:
+            old.unlink()
+    if "best" in snapshots:
+        atomic_copy(last, last.parent / "best.pth")
+
+
+def check_same_model(path: Path, saved_model: Any, model: str) -> None:
+    """A run resumes only the model it trained: a clear error naming both otherwise."""
+    if saved_model != model:
+        raise RunError(f"{path} is a checkpoint of {saved_model}, but this run trains {model}; "
+                       f"resume with --model {saved_model}, or start a new run (another output folder, "
+                       "or --overwrite)")
 
 
 def _check_fits(path: Path, name: str, module: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> None:

@@ -36,14 +36,16 @@ from .augment import build_transform
 from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, safe_torch_load
 from .data import DataError, EpochSampler, ImageDataset, ShardSampler, build_dataset, check_labels
 from .distributed import DistInfo, all_reduce_sum, barrier, convert_batchnorm, init_distributed, on_primary
-from .files import atomic_copy, atomic_write_csv, atomic_write_text
+from .files import atomic_write_csv, atomic_write_text
 from .recipe import build_config
 from .runs import (
     Interrupted,
     RunError,
     StopRequest,
+    check_same_model,
     claim_run,
     ignore_stop_signals,
+    keep_snapshots,
     restore_state,
     resume_path,
     rng_state,
@@ -384,13 +386,7 @@ def _save(job: _Job, progress: Progress, snapshots: Sequence[str] = ()) -> Path:
         return last
     save_state(last, job.parts, **asdict(progress), rng=rng, config=job.cfg, version=__version__,
                world_size=job.info.world_size)
-    if "epoch" in snapshots:
-        atomic_copy(last, job.out / f"epoch_{progress.epoch:04d}.pth")
-        kept = sorted(job.out.glob("epoch_*.pth"))
-        for old in kept[: max(len(kept) - job.cfg["keep_checkpoints"], 0)]:
-            old.unlink()
-    if "best" in snapshots:
-        atomic_copy(last, job.out / "best.pth")
+    keep_snapshots(last, progress.epoch, snapshots, job.cfg["keep_checkpoints"])
     return last
 
 
@@ -401,10 +397,7 @@ def _resume(job: _Job, path: Path) -> Progress:
     if not isinstance(saved, dict) or "model" not in state:
         raise RunError(f"{path} is not a tokenmixers training checkpoint (it has no training state); to start from "
                        f"its weights, use init_weights={path} instead of resume")
-    if saved.get("model") != job.cfg["model"]:
-        raise RunError(f"{path} is a checkpoint of {saved.get('model')}, but this run trains {job.cfg['model']}; "
-                       f"resume with --model {saved.get('model')}, or start a new run (another output folder, "
-                       "or --overwrite)")
+    check_same_model(path, saved.get("model"), job.cfg["model"])
     classes = state["model"].get("head.fc.weight")
     if classes is not None and classes.shape[0] != job.num_classes:
         raise RunError(f"{path} has a {classes.shape[0]}-class classifier, but this run has {job.num_classes} classes; "

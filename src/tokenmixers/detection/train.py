@@ -31,14 +31,16 @@ from torch.utils.data import DataLoader
 from .. import __version__
 from ..data import DataError, EpochSampler
 from ..distributed import DistInfo, all_reduce_sum, barrier, init_distributed, on_primary
-from ..files import atomic_copy, atomic_write_csv, atomic_write_text
+from ..files import atomic_write_csv, atomic_write_text
 from ..recipe import build_config
 from ..runs import (
     Interrupted,
     RunError,
     StopRequest,
+    check_same_model,
     claim_run,
     ignore_stop_signals,
+    keep_snapshots,
     restore_state,
     resume_path,
     rng_state,
@@ -142,13 +144,7 @@ def _save(job: _Job, progress: Progress, snapshots: Sequence[str] = ()) -> Path:
     if job.info.primary:
         save_state(last, job.parts, **asdict(progress), rng=rng, config=job.cfg, detector=job.model.config,
                    version=__version__, world_size=job.info.world_size)
-        if "epoch" in snapshots:
-            atomic_copy(last, job.out / f"epoch_{progress.epoch:04d}.pth")
-            kept = sorted(job.out.glob("epoch_*.pth"))
-            for old in kept[: max(len(kept) - job.cfg["keep_checkpoints"], 0)]:
-                old.unlink()
-        if "best" in snapshots:
-            atomic_copy(last, job.out / "best.pth")
+        keep_snapshots(last, progress.epoch, snapshots, job.cfg["keep_checkpoints"])
     return last
 
 
@@ -161,10 +157,7 @@ def _resume(job: _Job, path: Path) -> Progress:
     if not isinstance(saved, dict) or "detector" not in state:
         raise RunError(f"{path} is not a tokenmixers detection training checkpoint; to start from its weights, use "
                        f"init_weights={path} instead of resume")
-    if saved.get("model") != job.cfg["model"]:
-        raise RunError(f"{path} is a checkpoint of {saved.get('model')}, but this run trains {job.cfg['model']}; "
-                       f"resume with --model {saved.get('model')}, or start a new run (another output folder, "
-                       "or --overwrite)")
+    check_same_model(path, saved.get("model"), job.cfg["model"])
     values = restore_state(state, job.parts, where=path)
     progress = Progress(**{f.name: values[f.name] for f in fields(Progress)})
     if not job.info.primary:
