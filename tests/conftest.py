@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import socket
 from pathlib import Path
 
@@ -12,6 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PAPER_MODELS = [f"unified_{f}_{s}" for s in ("micro", "tiny", "small", "base") for f in ("halo", "pvt", "swin", "convnext", "dcn_v3")]
 MICRO_MODELS = [m for m in PAPER_MODELS if m.endswith("_micro")]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, one thread per worker (and per process it starts): more threads than cores makes torch spin."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
