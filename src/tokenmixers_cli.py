@@ -609,6 +609,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for name in args.imports:
             _import(name)
         func(args)
+    except BrokenPipeError:
+        # the reader went away (`tokenmixers list | head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"tokenmixers {args.command}: interrupted; nothing was saved after the last checkpoint", file=sys.stderr)
         sys.exit(130)

@@ -1,6 +1,8 @@
 """The command line, in process: every failure a user can reach is one clear paragraph with exit code 2."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,12 @@ def test_unexpected_errors_name_type_and_place(capsys: pytest.CaptureFixture) ->
     assert message.endswith("rerun with --traceback for the full traceback)")
     code, _, err = cli(capsys, "--traceback", "eval", "--model", "unified_halo_micro", "--data", "digits")
     assert code == 2 and "Traceback (most recent call last)" in err and "error: no --checkpoint given" in err
+
+
+def test_reader_that_goes_away_is_not_an_error() -> None:
+    # `tokenmixers list | head -1`: the pipe closes before the listing is written
+    proc = subprocess.Popen([sys.executable, "-m", "tokenmixers_cli", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1 and err == "", err
