@@ -258,10 +258,6 @@ def test_run_invariance_outputs(tmp_path: Path) -> None:
 # -- CLI errors -------------------------------------------------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tokenmixers", *args], capture_output=True, text=True)
-
-
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = cli(capsys, "erf", "unified_halo_micro", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
     assert code == 2 and "image folder" in err and "does not exist" in err
@@ -290,11 +286,11 @@ def test_load_images_sources(tmp_path: Path) -> None:
         load_images(str(tmp_path / "missing"))
 
 
-def test_invariance_under_torchrun_counts_each_image_once(tmp_path: Path) -> None:
+def test_invariance_under_torchrun_counts_each_image_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["invariance", "unified_pvt_micro", "--data", "digits", "--num-images", "9", "--kinds", "translation",
             "--input-size", "48"]
-    single = _cli(*args, "--out", str(tmp_path / "one"))
-    assert single.returncode == 0, single.stderr
+    code, _, err = cli(capsys, *args, "--out", str(tmp_path / "one"))
+    assert code == 0, err
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
          "-m", "tokenmixers", *args, "--out", str(tmp_path / "two")],

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 from tokenmixers import CheckpointError, load_checkpoint, load_pretrained, save_pretrained
 
 from . import reference
-from .conftest import PAPER_MODELS
+from .conftest import PAPER_MODELS, cli
 from .reference import relative_difference
 
 DATA = Path(__file__).parent / "data" / "stm_eval"
@@ -116,22 +114,16 @@ def test_save_pretrained_round_trip(official_file: Path, tmp_path: Path) -> None
     assert torch.equal(model(x), via_timm(x))
 
 
-def test_cli_convert(official_file: Path, tmp_path: Path) -> None:
+def test_cli_convert(official_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "converted"
-    result = subprocess.run(
-        [sys.executable, "-m", "tokenmixers", "convert", str(official_file), str(out), "--model", "unified_halo_micro"],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr
+    code, _, err = cli(capsys, "convert", str(official_file), str(out), "--model", "unified_halo_micro")
+    assert code == 0, err
     model = load_pretrained(out)
     reference = _micro()
     load_checkpoint(reference, official_file)
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
-    bad = subprocess.run(
-        [sys.executable, "-m", "tokenmixers", "convert", str(official_file), str(tmp_path / "x"), "--model", "unified_halo_tiny"],
-        capture_output=True, text=True,
-    )
-    assert bad.returncode == 2 and "looks like unified_halo_micro" in bad.stderr
+    code, _, err = cli(capsys, "convert", str(official_file), str(tmp_path / "x"), "--model", "unified_halo_tiny")
+    assert code == 2 and "looks like unified_halo_micro" in err
 
 
 # -- adaptations the official loader also makes ------------------------------------------------------

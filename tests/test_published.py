@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import types
 from functools import lru_cache
@@ -22,7 +21,7 @@ import tokenmixers_cli
 from tokenmixers import CheckpointError, load_checkpoint, load_pretrained
 from tokenmixers.checkpoint import safe_torch_load
 
-from .conftest import ROOT, SHARED, randomised
+from .conftest import ROOT, SHARED, cli, randomised
 from .reference import official_state_dict, relative_difference
 
 REFERENCE = SHARED / "reference" / "related-systems"
@@ -235,7 +234,8 @@ def test_released_checkpoints_load_without_unpickling_objects(official_files: di
     assert torch.equal(ema.stem[3].norm.running_var, stvit["patch_embed.proj.11.running_var"] + 1)
 
 
-def test_timm_file_path_and_convert(official_files: dict[str, Path], tmp_path: Path) -> None:
+def test_timm_file_path_and_convert(official_files: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
     direct = timm.create_model("stvit_small").eval()
     load_checkpoint(direct, official_files["stvit_small"])
     via_timm = timm.create_model("stvit_small", pretrained=True,
@@ -243,10 +243,9 @@ def test_timm_file_path_and_convert(official_files: dict[str, Path], tmp_path: P
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(direct(x), via_timm(x))
     out = tmp_path / "converted"
-    result = subprocess.run([sys.executable, "-m", "tokenmixers", "convert", str(official_files["stvit_small"]), str(out),
-                             "--model", "stvit_small"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "stvit layout" in result.stdout
+    code, stdout, err = cli(capsys, "convert", str(official_files["stvit_small"]), str(out), "--model", "stvit_small")
+    assert code == 0, err
+    assert "stvit layout" in stdout
     assert torch.equal(load_pretrained(out).eval()(x), direct(x))
 
 
@@ -349,16 +348,13 @@ def _tiny_image_folder(root: Path, per_class: dict[str, int]) -> Path:
     return root
 
 
-def test_compare_published_twins_and_unified(tmp_path: Path) -> None:
+def test_compare_published_twins_and_unified(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = _tiny_image_folder(tmp_path / "data", {"train": 8, "val": 2})
     models = ["dwnet_tiny", "twins_svt_small", "twins_pcpvt_small", "unified_dyn_dwconv_micro"]
-    result = subprocess.run(
-        [sys.executable, "-m", "tokenmixers", "compare", *models, "--output", str(tmp_path / "out"), "--bench-size",
-         "64", "--bench-batch", "2", "--set", f"data={data}", "epochs=1", "max_steps_per_epoch=2", "batch_size=8",
-         "ema=false", "opt=sgd", "workers=0", "threads=1"],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, _, err = cli(capsys, "compare", *models, "--output", str(tmp_path / "out"), "--bench-size", "64",
+                       "--bench-batch", "2", "--set", f"data={data}", "epochs=1", "max_steps_per_epoch=2",
+                       "batch_size=8", "ema=false", "opt=sgd", "workers=0", "threads=1")
+    assert code == 0, err[-2000:]
     rows = {r["model"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
     assert set(rows) == set(models)
     assert rows["dwnet_tiny"]["mixer"] == "dwconv" and rows["twins_svt_small"]["mixer"] == "Twins"

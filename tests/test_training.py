@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tokenmixers_cli
 from tokenmixers.data import DataError, build_dataset
 from tokenmixers.hub import load_pretrained
 from tokenmixers.recipe import apply_overrides, build_config, load_recipe
@@ -224,8 +225,7 @@ def resume_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def reference(tmp_path_factory: pytest.TempPathFactory, resume_args: list[str]) -> Path:
     """An uninterrupted deterministic run that the interrupted ones must reproduce exactly."""
     out = tmp_path_factory.mktemp("reference")
-    run = subprocess.run(_cli("train", "--recipe", "digits", f"output={out}", *resume_args), capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    tokenmixers_cli.main(["train", "--recipe", "digits", f"output={out}", *resume_args])
     return out
 
 
@@ -250,10 +250,9 @@ def _start_and_signal(out: Path, signum: int, resume_args: list[str]) -> subproc
     return proc
 
 
-def _resume_and_compare(out: Path, reference: Path, resume_args: list[str]) -> None:
-    resumed = subprocess.run(_cli("train", "--recipe", "digits", f"output={out}", "--resume", "auto", *resume_args),
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+def _resume_and_compare(capsys: pytest.CaptureFixture, out: Path, reference: Path, resume_args: list[str]) -> None:
+    code, _, err = cli(capsys, "train", "--recipe", "digits", f"output={out}", "--resume", "auto", *resume_args)
+    assert code == 0, err
     assert "resumed from" in (out / "log.txt").read_text()
     a, b = _state(reference / "last.pth"), _state(out / "last.pth")
     assert a["step"] == b["step"] == 16
@@ -264,7 +263,8 @@ def _resume_and_compare(out: Path, reference: Path, resume_args: list[str]) -> N
         (reference / "summary.json").read_text())["top1"]
 
 
-def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path, reference: Path, resume_args: list[str]) -> None:
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, reference: Path,
+                                                resume_args: list[str]) -> None:
     out = tmp_path / "run"
     proc = _start_and_signal(out, signal.SIGKILL, resume_args)
     proc.wait()
@@ -272,12 +272,12 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path, reference: Path,
     assert not (out / "summary.json").exists()
     interrupted_at = _state(out / "last.pth")
     assert interrupted_at["epoch"] == 0 and 0 < interrupted_at["batch_in_epoch"] < 8
-    _resume_and_compare(out, reference, resume_args)
+    _resume_and_compare(capsys, out, reference, resume_args)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_saves_and_tells_how_to_resume(tmp_path: Path, reference: Path, resume_args: list[str],
-                                                 signum: int) -> None:
+def test_interrupt_saves_and_tells_how_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture, reference: Path,
+                                                 resume_args: list[str], signum: int) -> None:
     # Ctrl-C (SIGINT) and a scheduler's SIGTERM: save at the next step boundary, one line, then resume exactly
     out = tmp_path / "run"
     proc = _start_and_signal(out, signum, resume_args)
@@ -293,7 +293,7 @@ def test_interrupt_saves_and_tells_how_to_resume(tmp_path: Path, reference: Path
     saved = _state(out / "last.pth")
     assert saved["epoch"] == 0 and 0 < saved["batch_in_epoch"] < 8 and saved["step"] == saved["batch_in_epoch"]
     assert not (out / ".lock").exists()
-    _resume_and_compare(out, reference, resume_args)
+    _resume_and_compare(capsys, out, reference, resume_args)
     # the resumed epoch's metrics cover the whole epoch, not just the part after the interruption
     ours, theirs = (out / "metrics.csv").read_text().splitlines(), (reference / "metrics.csv").read_text().splitlines()
     rows = [dict(zip(ours[0].split(","), line.split(","))) for line in ours[1:]]
@@ -307,13 +307,12 @@ def test_interrupt_saves_and_tells_how_to_resume(tmp_path: Path, reference: Path
 # -- distributed ----------------------------------------------------------------------------------------
 
 
-def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
+def test_two_process_torchrun_matches_one_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # SGD: AdamW's first updates are ~lr * sign(grad), which turns summation-order noise in
     # near-zero gradients into lr-sized differences; SGD shows the two runs compute the same steps
     common = _overrides(epochs=1, max_steps_per_epoch=4, ema=False, opt="sgd", lr=0.05)
-    one = subprocess.run(_cli("train", "--recipe", "digits", f"output={tmp_path / 'one'}", *common, "batch_size=32"),
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
+    code, _, err = cli(capsys, "train", "--recipe", "digits", f"output={tmp_path / 'one'}", *common, "batch_size=32")
+    assert code == 0, err
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
@@ -358,13 +357,15 @@ def test_slurm_launch_without_torchrun(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_and_gradient_accumulation_on_cpu(tmp_path: Path, precision: str) -> None:
-    summary = train("digits", {**QUICK, "precision": precision, "accum_steps": 2, "batch_size": 16, "epochs": 1,
-                               "max_steps_per_epoch": 2, "channels_last": True, "grad_checkpointing": True,
-                               "output": str(tmp_path)})
-    assert summary["steps"] == 2 and summary["global_batch"] == 32
-    assert f"precision {precision}" in (tmp_path / "log.txt").read_text()
+    # a small batch and validation set: fp16 convolutions on a CPU without native half support are slow
+    data = _digit_folder(tmp_path / "data", classes=3, per_class=8)
+    summary = train("digits", {**QUICK, "data": str(data), "precision": precision, "accum_steps": 2, "batch_size": 4,
+                               "epochs": 1, "max_steps_per_epoch": 2, "channels_last": True, "grad_checkpointing": True,
+                               "output": str(tmp_path / "run")})
+    assert summary["steps"] == 2 and summary["global_batch"] == 8
+    assert f"precision {precision}" in (tmp_path / "run" / "log.txt").read_text()
     assert np.isfinite(summary["history"][0]["train_loss"])
-    state = _state(tmp_path / "last.pth")
+    state = _state(tmp_path / "run" / "last.pth")
     assert (state["scaler"] is not None) == (precision == "fp16")  # fp16 trains with a grad scaler
 
 
