@@ -17,7 +17,9 @@ Tasks (fp32, 224x224, eager, the default ``timm.create_model(name)``):
 * ``infer``: a forward pass under ``torch.inference_mode`` (micro batch 32, tiny batch 8);
 * ``train``: forward, cross-entropy, backward and an AdamW step (micro batch 16, tiny batch 8);
 * ``memory``: the peak of tensor memory allocated during one such training step, above what the
-  model and its optimizer state hold before it (CPU allocations recorded by ``torch.profiler``).
+  model and its optimizer state hold before it (CPU allocations recorded by ``torch.profiler``);
+* ``dcn``: the time of our DCNv3 model over our depth-wise conv (ConvNeXt) model at the same scale,
+  inference and training, the two timed round-robin against each other.
 
 Prints markdown tables ready for benchmarks/README.md and writes ``results/speed.json``.
 """
@@ -45,6 +47,7 @@ FAMILIES = ("halo", "pvt", "swin", "convnext", "dcn_v3")
 INFER_BATCH = {"micro": 32, "tiny": 8}
 TRAIN_BATCH = {"micro": 16, "tiny": 8}
 MODES = ("channels_last", "compile", "bf16")
+TASKS = ("infer", "train", "memory", "dcn")
 Step = Callable[[], None]
 
 
@@ -185,6 +188,17 @@ def compare(name: str, ours: torch.nn.Module, official: Optional[torch.nn.Module
     return row
 
 
+def dcn_cost(scale: str, args: argparse.Namespace) -> dict[str, float]:
+    """Time of ``unified_dcn_v3`` over ``unified_convnext`` at ``scale`` (inference, training), round-robin."""
+    models = {f: timm.create_model(f"unified_{f}_{scale}") for f in ("dcn_v3", "convnext")}
+    infer = {f: inference_step(copy.deepcopy(m), INFER_BATCH[scale]) for f, m in models.items()}
+    train = {f: training_step(copy.deepcopy(m), TRAIN_BATCH[scale]) for f, m in models.items()}
+    return {
+        "infer": speedup(round_robin(infer, args.warmup, args.iters), "dcn_v3", "convnext"),
+        "train": speedup(round_robin(train, 1, args.train_iters), "dcn_v3", "convnext"),
+    }
+
+
 def cpu_name() -> str:
     """The CPU model, from /proc/cpuinfo where available."""
     try:
@@ -240,7 +254,7 @@ def main() -> None:
                         help="scratch copy of the official code (default: $TOKENMIXERS_OFFICIAL)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--scales", nargs="+", default=["micro", "tiny"], choices=list(INFER_BATCH))
-    parser.add_argument("--tasks", nargs="*", default=["infer", "train", "memory"], choices=["infer", "train", "memory"])
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     parser.add_argument("--modes", nargs="*", default=[], choices=MODES,
                         help="also time these inference modes of our models against eager")
     parser.add_argument("--threads", type=int, default=2)
@@ -265,13 +279,23 @@ def main() -> None:
             theirs = official[name]() if official else None
             results[name] = compare(name, ours, theirs, args)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
+    dcn = {}
+    if "dcn" in args.tasks:
+        for scale in args.scales:
+            torch.manual_seed(0)
+            dcn[scale] = dcn_cost(scale, args)
+            print(f"dcn_v3 / convnext time, {scale}: {json.dumps(dcn[scale])}", flush=True)
     peaks = (peak_before, matmul_peak())
     header = (
         f"{datetime.date.today()}, torch {torch.__version__}, {cpu_name()}, "
         f"{args.threads} threads, fp32 matmul {peaks[0]:.0f} / {peaks[1]:.0f} GFLOP/s before / after"
     )
     print(f"\n{header}\n\n{tables(results, bool(official))}")
-    atomic_write_text(args.out, json.dumps({"setup": header, "results": results}, indent=2))
+    if dcn:
+        print("\n| scale | DCNv3 / DWConv time, inference | training |\n|---|---|---|")
+        for scale, r in dcn.items():
+            print(f"| {scale} | {r['infer']:.2f}× | {r['train']:.2f}× |")
+    atomic_write_text(args.out, json.dumps({"setup": header, "results": results, "dcn_over_dwconv": dcn}, indent=2))
     print(f"\nwrote {args.out}")
 
 

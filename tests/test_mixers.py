@@ -11,6 +11,7 @@ import tokenmixers.mixers.halo as halo_module
 import tokenmixers.mixers.swin as swin_module
 from tokenmixers.layers import window_mask, window_partition
 from tokenmixers.mixers import create_mixer, list_mixers, mixer_options
+from tokenmixers.mixers.dcnv3 import _sample_gather, _sample_grid
 
 from .conftest import garbage_pad_to_multiple, randomised
 
@@ -281,6 +282,26 @@ def test_dcn_fractional_offset_is_bilinear() -> None:
     value = m.value_proj(x)
     below = F.pad(value, (0, 0, 0, 0, 0, 1))[:, 1:]
     assert torch.allclose(m(x), m.output_proj(0.75 * value + 0.25 * below), atol=1e-6)
+
+
+def test_dcn_inference_gather_equals_grid_sample() -> None:
+    # inference reads the samples by embedding_bag, training by grid_sample: the same numbers, including
+    # points on pixel centres, on the border, just outside and far outside the map
+    m = randomised(create_mixer("dcnv3", 32, num_heads=2)).double()
+    with torch.no_grad():
+        m.sampling_offsets.weight.mul_(40.0)
+    x = torch.randn(2, 6, 9, 32, dtype=torch.float64)
+    trained = m(x)
+    assert trained.requires_grad
+    with torch.no_grad():
+        inferred = m(x)
+    assert torch.allclose(inferred, trained, rtol=0, atol=1e-13)
+
+    value = torch.randn(2, 4, 5, 3, 2, dtype=torch.float64)
+    weights = torch.rand(2, 4, 5, 3, 4, dtype=torch.float64)
+    edges = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.25, 3.0, 3.5, 4.0, 4.75, 5.0, 9.0], dtype=torch.float64)
+    loc = edges[torch.randint(len(edges), (2, 4, 5, 3, 4, 2))]
+    assert torch.allclose(_sample_gather(value, loc, weights), _sample_grid(value, loc, weights), rtol=0, atol=1e-14)
 
 
 # -- DWConv -------------------------------------------------------------------------------------

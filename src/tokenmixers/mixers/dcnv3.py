@@ -16,8 +16,16 @@ Geometry, exactly as the official unified model:
   reads identical numbers, which is what is done here (no padded copy).
 
 The reference points come from the actual map size, so any input size works.
+
+Two ways to read the samples, equal to 1e-15 in float64: without gradients (inference), one
+``embedding_bag`` gathers the four bilinear corners of every point from ``value`` as it comes out of
+its projection and sums them with their weights, with no copy of the value and no per-point
+intermediate (twice as fast as the other way on CPU); with gradients, ``grid_sample``, whose backward
+is fast where ``embedding_bag``'s sorts every index.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -84,19 +92,70 @@ class DCNv3(TokenMixer):
         B, H, W, C = x.shape
         G, P, Cg = self.num_heads, self.points, C // self.num_heads
 
-        value = self.value_proj(x).view(B, H, W, G, Cg).permute(0, 3, 4, 1, 2).reshape(B * G, Cg, H, W)
+        value = self.value_proj(x).view(B, H, W, G, Cg)
         ctx = self.dw_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         ctx = self.act(self.dw_norm(ctx))
         offsets = self.sampling_offsets(ctx).view(B, H, W, G, P, 2)
-        weights = self.attention_weights(ctx).view(B, H, W, G, P).softmax(-1)
+        weights = _softmax_points(self.attention_weights(ctx).view(B, H, W, G, P))
 
         grid = _base_grid(self.kernel_size, x.device, offsets.dtype)
         loc = _pixel_centres(H, W, x.device, offsets.dtype) + (grid + offsets) * self.offset_scale
-        size = loc.new_tensor([W, H])
-        loc = (2 * loc + 1) / size - 1  # grid_sample coordinates, align_corners=False
-        loc = loc.permute(0, 3, 1, 2, 4, 5).reshape(B * G, H * W, P, 2)
-        sampled = F.grid_sample(value, loc.to(value.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
-        weights = weights.permute(0, 3, 1, 2, 4).reshape(B * G, 1, H * W, P)
-        out = torch.linalg.vecdot(sampled, weights.to(sampled.dtype), dim=-1)  # B*G, Cg, H*W
-        out = out.view(B, G, Cg, H, W).permute(0, 3, 4, 1, 2).reshape(B, H, W, C)
-        return self.output_proj(out)
+        if value.requires_grad or loc.requires_grad or weights.requires_grad:
+            out = _sample_grid(value, loc, weights)
+        else:
+            out = _sample_gather(value, loc, weights)
+        return self.output_proj(out.reshape(B, H, W, C))
+
+
+def _softmax_points(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last (short) dim of ``logits``.
+
+    Torch's CPU softmax vectorises along the reduced dim, which has only ``k*k`` entries here; over
+    the leading dim of the transposed view it runs across rows instead (4-5x faster, same numbers).
+    """
+    P = logits.shape[-1]
+    return logits.reshape(-1, P).t().softmax(0).t().view(logits.shape)
+
+
+def _sample_grid(value: torch.Tensor, loc: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted bilinear samples by ``grid_sample``: value ``(B, H, W, G, Cg)``, loc ``(B, H, W, G, P, 2)``
+    in (x, y) pixels, weights ``(B, H, W, G, P)`` -> ``(B, H, W, G, Cg)``."""
+    B, H, W, G, Cg = value.shape
+    P = loc.shape[-2]
+    value = value.permute(0, 3, 4, 1, 2).reshape(B * G, Cg, H, W)
+    loc = (2 * loc + 1) / loc.new_tensor([W, H]) - 1  # grid_sample coordinates, align_corners=False
+    loc = loc.permute(0, 3, 1, 2, 4, 5).reshape(B * G, H * W, P, 2)
+    sampled = F.grid_sample(value, loc.to(value.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    weights = weights.permute(0, 3, 1, 2, 4).reshape(B * G, 1, H * W, P)
+    out = torch.linalg.vecdot(sampled, weights.to(sampled.dtype), dim=-1)  # B*G, Cg, H*W
+    return out.view(B, G, Cg, H, W).permute(0, 3, 4, 1, 2)
+
+
+def _sample_gather(value: torch.Tensor, loc: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The same as :func:`_sample_grid` by one ``embedding_bag`` over the four corners of every point."""
+    B, H, W, G, Cg = value.shape
+    rows = B * H * W * G  # value as a (rows, Cg) table, row ((b * H + y) * W + x) * G + g
+    # Beyond one pixel outside the map every corner is outside: clamping there changes no weight and
+    # keeps the integer conversion in range.
+    x = loc[..., 0].clamp(-1, W)
+    y = loc[..., 1].clamp(-1, H)
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    index_dtype = torch.int32 if rows < 2**31 else torch.int64
+    x0, y0 = x0.to(index_dtype), y0.to(index_dtype)
+    wx0 = torch.where((x0 >= 0) & (x0 < W), 1 - fx, 0)
+    wx1 = torch.where(x0 < W - 1, fx, 0)
+    wy0 = torch.where((y0 >= 0) & (y0 < H), 1 - fy, 0) * weights
+    wy1 = torch.where(y0 < H - 1, fy, 0) * weights
+    corner_weights = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], -1)  # B, H, W, G, P, 4
+
+    arange = functools.partial(torch.arange, dtype=index_dtype, device=value.device)
+    first = arange(B).view(B, 1, 1, 1, 1) * (H * W * G) + arange(G).view(G, 1)
+    corner_offsets = torch.tensor([0, G, W * G, W * G + G], dtype=index_dtype, device=value.device)
+    # a corner outside the map has weight 0, so any row in the table serves it
+    index = (first + (y0 * W + x0) * G).unsqueeze(-1) + corner_offsets
+    index = index.clamp_(0, rows - 1).view(rows, -1)
+    out = F.embedding_bag(
+        index, value.reshape(rows, Cg), per_sample_weights=corner_weights.view(rows, -1).to(value.dtype), mode="sum"
+    )
+    return out.view(B, H, W, G, Cg)
