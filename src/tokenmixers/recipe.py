@@ -19,6 +19,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "mixup_mode": ("batch", "pair", "elem"),
     "remode": ("pixel", "rand", "const"),
+    "compile_backend": ("inductor", "aot_eager", "eager", "cudagraphs"),
 }
 # (lowest, highest) allowed value of numeric settings; None: unbounded
 BOUNDS = {

@@ -363,7 +363,7 @@ def _build(cfg: dict[str, Any], info: DistInfo, precision: str, out: Path, train
     ddp = model
     if info.distributed:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    forward = torch.compile(ddp, dynamic=False) if cfg["compile"] else ddp
+    forward = torch.compile(ddp, dynamic=False, backend=cfg["compile_backend"]) if cfg["compile"] else ddp
     return _Job(cfg, info, precision, out, train_set, sampler, train_loader, val_loader, batches_per_epoch, num_classes,
                 global_batch, lr, model, ema, optimizer, scheduler, scaler, mixup, criterion, ddp, forward)
 
