@@ -27,16 +27,14 @@ MICRO = {"data": str(NUCLEI), "val_split": "train", "workers": 0, "threads": 1, 
 
 
 def test_micro_detector_learns_the_nuclei(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    untrained = train_detector("smoke", {**MICRO, "epochs": 1, "max_steps_per_epoch": 1, "lr": 0.0,
-                                         "output": str(tmp_path / "untrained")})
     trained = train_detector("smoke", {**MICRO, "output": str(tmp_path / "trained")})  # 20 epochs of 3 steps
     losses = [row["train_loss"] for row in trained["history"]]
-    print(f"untrained bbox {untrained['bbox']} segm {untrained['segm']}; losses {losses}; "
-          f"trained bbox {trained['bbox']} segm {trained['segm']}")
+    print(f"losses {losses}; trained bbox {trained['bbox']} segm {trained['segm']}")
     assert losses[-1] < 0.75 * losses[0]  # measured: 3.93 -> 2.49
-    # measured: bbox AP 0.05 -> 15.7 (AP50 0.2 -> 56), segm AP 0.02 -> 16.6
-    assert trained["bbox"]["AP"] > untrained["bbox"]["AP"] + 8 and trained["bbox"]["AP50"] > 30
-    assert trained["segm"]["AP"] > untrained["segm"]["AP"] + 8
+    # measured: bbox AP 15.7 (AP50 56), segm AP 16.6; the same detector before training: bbox AP 0.05 (AP50 0.2),
+    # segm AP 0.02
+    assert trained["bbox"]["AP"] > 8 and trained["bbox"]["AP50"] > 30
+    assert trained["segm"]["AP"] > 8
     run = tmp_path / "trained"
     assert {"last.pth", "best.pth", "metrics.csv", "summary.json", "config.yaml", "log.txt"} <= {p.name for p in run.iterdir()}
     # detect eval reads the training checkpoint (backbone, classes, categories come from it)
