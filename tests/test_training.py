@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -229,24 +230,16 @@ def reference(tmp_path_factory: pytest.TempPathFactory, resume_args: list[str]) 
     return out
 
 
-def _start_and_signal(out: Path, signum: int, resume_args: list[str]) -> subprocess.Popen:
-    """Start the run and send ``signum`` once it is inside the first epoch.
-
-    SIGKILL waits for the first mid-epoch checkpoint (nothing is saved after it); the others go as
-    soon as the log shows the first step.
-    """
-    with open(out.parent / f"{out.name}.stderr", "w") as err:  # a file: a full pipe would stall the run
-        proc = subprocess.Popen(_cli("train", "--recipe", "digits", f"output={out}", *resume_args),
-                                stdout=subprocess.DEVNULL, stderr=err)
+def _start_and_kill(out: Path, resume_args: list[str]) -> subprocess.Popen:
+    """Start the run in a process and SIGKILL it after its first mid-epoch checkpoint (nothing is saved after it)."""
+    proc = subprocess.Popen(_cli("train", "--recipe", "digits", f"output={out}", *resume_args),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if signum == signal.SIGKILL:
-            if (out / "last.pth").is_file() and _state(out / "last.pth")["batch_in_epoch"] > 0:
-                break
-        elif (out / "log.txt").is_file() and "epoch 0, batch 1/8, step 1:" in (out / "log.txt").read_text():
+        if (out / "last.pth").is_file() and _state(out / "last.pth")["batch_in_epoch"] > 0:
             break
         time.sleep(0.01)
-    proc.send_signal(signum)
+    proc.send_signal(signal.SIGKILL)
     return proc
 
 
@@ -266,7 +259,7 @@ def _resume_and_compare(capsys: pytest.CaptureFixture, out: Path, reference: Pat
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, reference: Path,
                                                 resume_args: list[str]) -> None:
     out = tmp_path / "run"
-    proc = _start_and_signal(out, signal.SIGKILL, resume_args)
+    proc = _start_and_kill(out, resume_args)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "summary.json").exists()
@@ -275,15 +268,30 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path, capsys: pytest.C
     _resume_and_compare(capsys, out, reference, resume_args)
 
 
+def _signal_at_first_step(out: Path, signum: int) -> threading.Thread:
+    """A watcher that sends this process ``signum`` once the run in ``out`` has logged its first step."""
+    def watch() -> None:
+        log = out / "log.txt"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (log.is_file() and "epoch 0, batch 1/8, step 1:" in log.read_text()):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signum)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_saves_and_tells_how_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture, reference: Path,
                                                  resume_args: list[str], signum: int) -> None:
-    # Ctrl-C (SIGINT) and a scheduler's SIGTERM: save at the next step boundary, one line, then resume exactly
+    # Ctrl-C (SIGINT) and a scheduler's SIGTERM, delivered to the process running the command: save at the next step
+    # boundary, one line, then resume exactly
     out = tmp_path / "run"
-    proc = _start_and_signal(out, signum, resume_args)
-    proc.wait(timeout=300)
-    err = (tmp_path / "run.stderr").read_text()
-    assert proc.returncode == 128 + signum, err
+    watcher = _signal_at_first_step(out, signum)
+    code, _, err = cli(capsys, "train", "--recipe", "digits", f"output={out}", *resume_args)
+    watcher.join()
+    assert code == 128 + signum, err
     name = signal.Signals(signum).name
     message = [line for line in err.splitlines() if line.startswith("tokenmixers train:")]
     assert len(message) == 1 and "Traceback" not in err, err
