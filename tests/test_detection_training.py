@@ -37,6 +37,8 @@ def test_micro_detector_learns_the_nuclei(tmp_path: Path, capsys: pytest.Capture
     assert trained["segm"]["AP"] > 8
     run = tmp_path / "trained"
     assert {"last.pth", "best.pth", "metrics.csv", "summary.json", "config.yaml", "log.txt"} <= {p.name for p in run.iterdir()}
+    # a checkpoint every 5 epochs (the smoke recipe's ckpt_every_epochs), the last 3 kept
+    assert sorted(p.name for p in run.glob("epoch_*.pth")) == ["epoch_0010.pth", "epoch_0015.pth", "epoch_0020.pth"]
     # detect eval reads the training checkpoint (backbone, classes, categories come from it)
     code, out, err = cli(capsys, "detect", "eval", "--checkpoint", str(run / "last.pth"), "--data", str(NUCLEI),
                          "--split", "train", "--min-size", "256", "--max-size", "256", "--workers", "0", "--batch-size", "1")

@@ -29,6 +29,7 @@ BOUNDS = {
     "input_size": (32, None), "crop_pct": (0.01, None), "hflip": (0, 1), "reprob": (0, 1), "recount": (1, None),
     "mixup": (0, None), "cutmix": (0, None), "mixup_prob": (0, 1), "mixup_switch_prob": (0, 1), "workers": (0, None),
     "threads": (0, None), "eval_every": (1, None), "log_every": (1, None), "ckpt_every_steps": (0, None),
+    "ckpt_every_epochs": (1, None),
     "keep_checkpoints": (1, None), "max_steps_per_epoch": (0, None), "num_classes": (1, None),
 }
 
