@@ -271,7 +271,8 @@ def main() -> None:
 
     peak_before = matmul_peak()
     results = {}
-    for scale in args.scales:
+    per_model = bool(set(args.tasks) - {"dcn"} or args.modes)
+    for scale in args.scales if per_model else ():
         for family in args.families:
             name = f"unified_{family}_{scale}"
             torch.manual_seed(0)
