@@ -304,6 +304,21 @@ def test_dcn_inference_gather_equals_grid_sample() -> None:
     assert torch.allclose(_sample_gather(value, loc, weights), _sample_grid(value, loc, weights), rtol=0, atol=1e-14)
 
 
+def test_dcn_locations_stay_float32_under_bfloat16_autocast() -> None:
+    # bfloat16 has 8 bits of mantissa: a sampling location near pixel 56 would be off by up to 1/8 pixel
+    torch.manual_seed(0)
+    m = create_mixer("dcnv3", 64, num_heads=4).eval()
+    torch.nn.init.normal_(m.sampling_offsets.weight, std=0.3)
+    x = torch.randn(2, 56, 56, 64)
+    with torch.inference_mode():
+        exact = m(x)
+    for grad in (False, True):  # the inference gather and the training grid_sample
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16):
+            half = m(x).float()
+        # measured 0.012 (0.084 with bfloat16 locations)
+        assert ((half - exact).norm() / exact.norm()).item() < 0.03, grad
+
+
 # -- DWConv -------------------------------------------------------------------------------------
 
 

@@ -98,6 +98,8 @@ class DCNv3(TokenMixer):
         offsets = self.sampling_offsets(ctx).view(B, H, W, G, P, 2)
         weights = _softmax_points(self.attention_weights(ctx).view(B, H, W, G, P))
 
+        # pixel locations in at least float32: in bfloat16 a location near 56 is off by up to 1/8 pixel
+        offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
         grid = _base_grid(self.kernel_size, x.device, offsets.dtype)
         loc = _pixel_centres(H, W, x.device, offsets.dtype) + (grid + offsets) * self.offset_scale
         if value.requires_grad or loc.requires_grad or weights.requires_grad:
@@ -125,7 +127,9 @@ def _sample_grid(value: torch.Tensor, loc: torch.Tensor, weights: torch.Tensor) 
     value = value.permute(0, 3, 4, 1, 2).reshape(B * G, Cg, H, W)
     loc = (2 * loc + 1) / loc.new_tensor([W, H]) - 1  # grid_sample coordinates, align_corners=False
     loc = loc.permute(0, 3, 1, 2, 4, 5).reshape(B * G, H * W, P, 2)
-    sampled = F.grid_sample(value, loc.to(value.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    # in the wider dtype of the two, so that bfloat16 values never round the locations
+    dtype = torch.promote_types(value.dtype, loc.dtype)
+    sampled = F.grid_sample(value.to(dtype), loc.to(dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
     weights = weights.permute(0, 3, 1, 2, 4).reshape(B * G, 1, H * W, P)
     out = torch.linalg.vecdot(sampled, weights.to(sampled.dtype), dim=-1)  # B*G, Cg, H*W
     return out.view(B, G, Cg, H, W).permute(0, 3, 4, 1, 2)
