@@ -25,8 +25,6 @@ is fast where ``embedding_bag``'s sorts every index.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,8 +151,9 @@ def _sample_gather(value: torch.Tensor, loc: torch.Tensor, weights: torch.Tensor
     wy1 = torch.where(y0 < H - 1, fy, 0) * weights
     corner_weights = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], -1)  # B, H, W, G, P, 4
 
-    arange = functools.partial(torch.arange, dtype=index_dtype, device=value.device)
-    first = arange(B).view(B, 1, 1, 1, 1) * (H * W * G) + arange(G).view(G, 1)
+    batch = torch.arange(B, dtype=index_dtype, device=value.device).view(B, 1, 1, 1, 1)
+    group = torch.arange(G, dtype=index_dtype, device=value.device).view(G, 1)
+    first = batch * (H * W * G) + group  # the row of pixel (0, 0) of each image and group
     corner_offsets = torch.tensor([0, G, W * G, W * G + G], dtype=index_dtype, device=value.device)
     # a corner outside the map has weight 0, so any row in the table serves it
     index = (first + (y0 * W + x0) * G).unsqueeze(-1) + corner_offsets
