@@ -19,7 +19,13 @@ Tasks (fp32, 224x224, eager, the default ``timm.create_model(name)``):
 * ``memory``: the peak of tensor memory allocated during one such training step, above what the
   model and its optimizer state hold before it (CPU allocations recorded by ``torch.profiler``);
 * ``dcn``: the time of our DCNv3 model over our depth-wise conv (ConvNeXt) model at the same scale,
-  inference and training, the two timed round-robin against each other.
+  inference and training, the two timed round-robin against each other;
+* ``allocator`` (not run by default): our inference and training speed with ``reuse_cpu_memory()`` over
+  glibc's default allocator. The allocator is process-wide, so each setting runs in a child process of
+  this script (ours only), the two alternated ``--rounds`` times; the gain is the median per-round ratio.
+
+``--reuse-memory`` calls ``tokenmixers.reuse_cpu_memory()`` first (the ``tokenmixers`` command does by
+default), so every table, the side-by-side one included, is measured with freed memory kept for reuse.
 
 Prints markdown tables ready for benchmarks/README.md and writes ``results/speed.json``.
 """
@@ -32,7 +38,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -47,7 +55,8 @@ FAMILIES = ("halo", "pvt", "swin", "convnext", "dcn_v3")
 INFER_BATCH = {"micro": 32, "tiny": 8}
 TRAIN_BATCH = {"micro": 16, "tiny": 8}
 MODES = ("channels_last", "compile", "bf16")
-TASKS = ("infer", "train", "memory", "dcn")
+TASKS = ("infer", "train", "memory", "dcn", "allocator")
+DEFAULT_TASKS = ("infer", "train", "memory", "dcn")
 Step = Callable[[], None]
 
 
@@ -199,6 +208,28 @@ def dcn_cost(scale: str, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def allocator_gain(name: str, args: argparse.Namespace) -> dict[str, float]:
+    """Our img/s with ``reuse_cpu_memory()`` over glibc's default, inference and training, in alternated child processes."""
+    family, scale = name[len("unified_"):].rsplit("_", 1)
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for reuse in (False, True):
+                out = Path(tmp) / "child.json"
+                cmd = [sys.executable, __file__, "--official", "", "--families", family, "--scales", scale,
+                       "--tasks", "infer", "train", "--threads", str(args.threads), "--iters", str(args.iters),
+                       "--train-iters", str(args.train_iters), "--warmup", str(args.warmup), "--out", str(out)]
+                subprocess.run(cmd + ["--reuse-memory"] * reuse, check=True, capture_output=True)
+                runs[reuse].append(json.loads(out.read_text())["results"][name])
+    gain = {}
+    for task in ("infer", "train"):
+        ratios = [r[task]["ours"] / d[task]["ours"] for d, r in zip(runs[False], runs[True])]
+        gain[task] = statistics.median(ratios)
+        gain[f"{task}_default"] = statistics.median(d[task]["ours"] for d in runs[False])
+        gain[f"{task}_reuse"] = statistics.median(r[task]["ours"] for r in runs[True])
+    return gain
+
+
 def cpu_name() -> str:
     """The CPU model, from /proc/cpuinfo where available."""
     try:
@@ -254,24 +285,31 @@ def main() -> None:
                         help="scratch copy of the official code (default: $TOKENMIXERS_OFFICIAL)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--scales", nargs="+", default=["micro", "tiny"], choices=list(INFER_BATCH))
-    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), choices=TASKS)
     parser.add_argument("--modes", nargs="*", default=[], choices=MODES,
                         help="also time these inference modes of our models against eager")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10, help="inference iterations per model")
     parser.add_argument("--train-iters", type=int, default=6, help="training iterations per model")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="child processes per allocator setting (allocator task)")
+    parser.add_argument("--reuse-memory", action="store_true",
+                        help="keep freed CPU memory for reuse (tokenmixers.reuse_cpu_memory) during every measurement")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.reuse_memory:
+        from tokenmixers.allocator import reuse_cpu_memory
+
+        reuse_cpu_memory()
     official = load_official(args.official) if args.official else {}
     import tokenmixers  # noqa: F401  (after the official import: our names win in timm's registry)
     from tokenmixers.files import atomic_write_text
 
     peak_before = matmul_peak()
     results = {}
-    per_model = bool(set(args.tasks) - {"dcn"} or args.modes)
+    per_model = bool(set(args.tasks) - {"dcn", "allocator"} or args.modes)
     for scale in args.scales if per_model else ():
         for family in args.families:
             name = f"unified_{family}_{scale}"
@@ -286,17 +324,32 @@ def main() -> None:
             torch.manual_seed(0)
             dcn[scale] = dcn_cost(scale, args)
             print(f"dcn_v3 / convnext time, {scale}: {json.dumps(dcn[scale])}", flush=True)
+    allocator = {}
+    if "allocator" in args.tasks:
+        for scale in args.scales:
+            for family in args.families:
+                name = f"unified_{family}_{scale}"
+                allocator[name] = allocator_gain(name, args)
+                print(f"{name} reuse_cpu_memory / default: {json.dumps(allocator[name])}", flush=True)
     peaks = (peak_before, matmul_peak())
     header = (
         f"{datetime.date.today()}, torch {torch.__version__}, {cpu_name()}, "
         f"{args.threads} threads, fp32 matmul {peaks[0]:.0f} / {peaks[1]:.0f} GFLOP/s before / after"
+        + (", freed CPU memory kept for reuse" if args.reuse_memory else "")
     )
     print(f"\n{header}\n\n{tables(results, bool(official))}")
     if dcn:
         print("\n| scale | DCNv3 / DWConv time, inference | training |\n|---|---|---|")
         for scale, r in dcn.items():
             print(f"| {scale} | {r['infer']:.2f}× | {r['train']:.2f}× |")
-    atomic_write_text(args.out, json.dumps({"setup": header, "results": results, "dcn_over_dwconv": dcn}, indent=2))
+    if allocator:
+        print("\n| model | inference img/s: default / reuse | gain | training img/s: default / reuse | gain |"
+              "\n|---|---|---|---|---|")
+        for name, g in allocator.items():
+            print(f"| {name} | {g['infer_default']:.1f} / {g['infer_reuse']:.1f} | {g['infer']:.2f}× "
+                  f"| {g['train_default']:.1f} / {g['train_reuse']:.1f} | {g['train']:.2f}× |")
+    record = {"setup": header, "results": results, "dcn_over_dwconv": dcn, "reuse_cpu_memory_gain": allocator}
+    atomic_write_text(args.out, json.dumps(record, indent=2))
     print(f"\nwrote {args.out}")
 
 

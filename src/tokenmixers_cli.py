@@ -396,12 +396,19 @@ def _add_detect_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_detect_invariance)
 
 
+# commands that run models keep freed CPU memory for the next step (tokenmixers.allocator); `list` stays torch-free
+_RUNS_MODELS = {"bench", "train", "eval", "compare", "erf", "invariance", "detect"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="tokenmixers", description=__doc__)
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="import a Python module or file first (e.g. one that registers your mixer); repeatable")
     parser.add_argument("--traceback", action="store_true", help="on an error, also print the Python traceback")
+    parser.add_argument("--no-memory-reuse", dest="memory_reuse", action="store_false",
+                        help="let freed CPU tensor memory go back to the system at once (glibc's default) instead of "
+                        "keeping it for the next step, which is 1.2-2x faster on CPU")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered models (or mixers)")
@@ -606,6 +613,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     func: Callable[[argparse.Namespace], None] = args.func
     warnings.formatwarning = _short_warning
     try:
+        if args.memory_reuse and args.command in _RUNS_MODELS:
+            from tokenmixers.allocator import reuse_cpu_memory
+
+            reuse_cpu_memory()
         for name in args.imports:
             _import(name)
         func(args)

@@ -115,3 +115,44 @@ def test_reader_that_goes_away_is_not_an_error() -> None:
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 1 and err == "", err
+
+
+_PAGE_FAULTS = """
+import resource, sys, torch, tokenmixers_cli
+
+def faults() -> int:
+    # fewest page faults of touching a freshly allocated 64 MiB tensor, over three tries after a first one
+    counts = []
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(16 * 2**20).fill_(1.0)
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return min(counts[1:])
+
+bench = ["bench", "unified_halo_micro", "--no-speed", "--batch-size", "1"]
+counts = [faults()]
+tokenmixers_cli.main(["--no-memory-reuse"] + bench)
+counts.append(faults())
+tokenmixers_cli.main(bench)
+counts.append(faults())
+print("faults", *counts)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the thresholds are glibc's")
+def test_commands_keep_freed_memory_for_the_next_step() -> None:
+    # glibc maps a 64 MiB block fresh on every allocation (16,384 pages faulted in); a command that runs
+    # models raises the thresholds, so later blocks reuse the pages, unless --no-memory-reuse says otherwise
+    out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    default, opted_out, reused = map(int, out.stdout.split("faults")[-1].split())
+    assert default > 16_000 and opted_out > 16_000, out.stdout
+    assert reused < 100, out.stdout
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2**31])
+def test_memory_reuse_limit_out_of_range(limit: int) -> None:
+    from tokenmixers import reuse_cpu_memory
+
+    with pytest.raises(ValueError, match="must be between 1 and 2147483647 bytes"):
+        reuse_cpu_memory(limit)

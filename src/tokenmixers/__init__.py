@@ -3,6 +3,7 @@
 >>> import tokenmixers, timm
 >>> model = timm.create_model("unified_halo_tiny")          # or tokenmixers.create_model(...)
 """
+from .allocator import reuse_cpu_memory
 from .backbone import UnifiedNet
 from .checkpoint import CheckpointError, load_checkpoint
 from .configs import SCALES, DWNetCfg, Family, ModelCfg, STViTCfg
@@ -38,5 +39,6 @@ __all__ = [
     "register_family",
     "register_model_cfg",
     "register_variant",
+    "reuse_cpu_memory",
     "__version__",
 ]
