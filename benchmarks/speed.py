@@ -299,12 +299,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    if args.reuse_memory:
-        from tokenmixers.allocator import reuse_cpu_memory
-
-        reuse_cpu_memory()
     official = load_official(args.official) if args.official else {}
-    import tokenmixers  # noqa: F401  (after the official import: our names win in timm's registry)
+    import tokenmixers  # (after the official import: our names win in timm's registry)
+    if args.reuse_memory:
+        tokenmixers.reuse_cpu_memory()
     from tokenmixers.files import atomic_write_text
 
     peak_before = matmul_peak()
