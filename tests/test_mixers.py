@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import tokenmixers.mixers.halo as halo_module
 import tokenmixers.mixers.swin as swin_module
-from tokenmixers.layers import window_mask, window_partition
+from tokenmixers.layers import biased_attention, window_mask, window_partition
 from tokenmixers.mixers import create_mixer, list_mixers, mixer_options
 from tokenmixers.mixers.dcnv3 import _sample_gather, _sample_grid
 
@@ -329,3 +329,20 @@ def test_dwconv_is_projections_around_a_depthwise_conv() -> None:
     assert torch.allclose(m(x), m.out_proj(inner.permute(0, 2, 3, 1)), atol=1e-12)
     plain = create_mixer("dwconv", 8, projections=False)
     assert sum(p.numel() for p in plain.parameters()) == 8 * 49 + 8
+
+
+def test_trained_bias_attention_matches_fused_attention() -> None:
+    # the written-out path (a trained bias on CPU) must give the fused path's outputs and gradients,
+    # with a bias broadcast over the batch as Swin's is
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 49, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 4, 49, 49, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 4, 49, 16, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (biased_attention, lambda *a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3])):
+        out = fn(q, k, v, bias)
+        results.append((out, *torch.autograd.grad(out, (q, k, v, bias), grad)))
+    for ours, fused in zip(*results):
+        torch.testing.assert_close(ours, fused, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # without a gradient it takes the fused kernel
+        torch.testing.assert_close(biased_attention(q, k, v, bias), results[1][0], rtol=1e-12, atol=1e-12)

@@ -48,6 +48,19 @@ def window_merge(x: torch.Tensor, window: Union[int, tuple[int, int]], H: int, W
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``softmax(q @ k^T / sqrt(d) + bias) @ v`` over the last two dims; ``bias`` broadcasts against the logits.
+
+    When the bias is trained on CPU, PyTorch's fused attention cannot give it a gradient and falls back to a
+    reference path that scales q and k separately and keeps both copies for the backward pass (7 % more peak
+    training memory than the official models); written out, only the softmax is kept.
+    """
+    if q.device.type != "cpu" or not (torch.is_grad_enabled() and bias.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    logits = torch.add(bias, q @ k.transpose(-2, -1), alpha=q.shape[-1] ** -0.5)
+    return logits.softmax(-1) @ v
+
+
 def check_batch_statistics(training: bool, values_per_channel: int, where: str) -> None:
     """BatchNorm in training needs more than one value per channel; say what to do instead of torch's
     "Expected more than 1 value per channel"."""

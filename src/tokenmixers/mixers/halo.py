@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import masked_value, num_windows, size_cache
+from ..layers import biased_attention, masked_value, num_windows, size_cache
 from . import TokenMixer, register_mixer
 
 
@@ -156,11 +156,11 @@ class HaloAttention(TokenMixer):
 
         bias = self._bias(q, H, W, span_h, span_w)
         n = B * nh * nw
-        out = F.scaled_dot_product_attention(
+        out = biased_attention(
             q.reshape(n, heads, bs * bs, d),
             k.reshape(n, heads, lh * lw, d),
             v.reshape(n, heads, lh * lw, d),
-            attn_mask=bias.reshape(n, heads, bs * bs, lh * lw),
+            bias.reshape(n, heads, bs * bs, lh * lw),
         )
         out = out.view(B, nh, nw, heads, bs, bs, d).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, nh * bs, nw * bs, C)[:, :H, :W]

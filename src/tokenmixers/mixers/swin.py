@@ -25,11 +25,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from ..layers import pad_to_multiple, size_cache, window_mask, window_merge, window_partition
+from ..layers import biased_attention, pad_to_multiple, size_cache, window_mask, window_merge, window_partition
 from . import TokenMixer, register_mixer
 
 
@@ -102,7 +101,7 @@ class ShiftedWindowAttention(TokenMixer):
         bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # heads, N, N
         mask = window_mask(real_h, real_w, wh, ww, shift_h, shift_w, x.device, bias.dtype)
         bias = bias.expand(nW, heads, N, N) if mask is None else bias + mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, nW * heads, N, N))
+        out = biased_attention(q, k, v, bias.reshape(1, nW * heads, N, N))
 
         out = out.view(B, nW, heads, N, d).transpose(2, 3).reshape(B, nW, N, C)
         out = window_merge(out, (wh, ww), Hp, Wp)
