@@ -20,6 +20,8 @@ Tasks (fp32, 224x224, eager, the default ``timm.create_model(name)``):
   model and its optimizer state hold before it (CPU allocations recorded by ``torch.profiler``);
 * ``dcn``: the time of our DCNv3 model over our depth-wise conv (ConvNeXt) model at the same scale,
   inference and training, the two timed round-robin against each other;
+* ``profile`` (not run by default): where our time goes, the operators with the largest share of self
+  CPU time in one inference and one training step (``torch.profiler``);
 * ``allocator`` (not run by default): our inference and training speed with ``reuse_cpu_memory()`` over
   glibc's default allocator. The allocator is process-wide, so each setting runs in a child process of
   this script (ours only), the two alternated ``--rounds`` times; the gain is the median per-round ratio.
@@ -55,7 +57,7 @@ FAMILIES = ("halo", "pvt", "swin", "convnext", "dcn_v3")
 INFER_BATCH = {"micro": 32, "tiny": 8}
 TRAIN_BATCH = {"micro": 16, "tiny": 8}
 MODES = ("channels_last", "compile", "bf16")
-TASKS = ("infer", "train", "memory", "dcn", "allocator")
+TASKS = ("infer", "train", "memory", "dcn", "profile", "allocator")
 DEFAULT_TASKS = ("infer", "train", "memory", "dcn")
 Step = Callable[[], None]
 
@@ -138,6 +140,19 @@ def training_step(model: torch.nn.Module, batch: int) -> Step:
     return step
 
 
+def top_operators(step: Step, count: int = 6) -> list[tuple[str, float]]:
+    """The ``count`` operators with the largest share (%) of self CPU time in one call of ``step``."""
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:count]
+    names = [e.key.removeprefix("aten::").replace("_scaled_dot_product_flash_attention_for_cpu", "flash_attention")
+             for e in top]
+    return [(name, 100 * e.self_cpu_time_total / total) for name, e in zip(names, top)]
+
+
 def peak_memory(step: Step) -> float:
     """MiB: the peak of CPU tensor memory allocated during ``step`` above the level before it."""
     from torch._C._profiler import _EventType
@@ -187,6 +202,11 @@ def compare(name: str, ours: torch.nn.Module, official: Optional[torch.nn.Module
     if "memory" in args.tasks:
         row["memory_mib"] = {
             k: peak_memory(training_step(copy.deepcopy(m), TRAIN_BATCH[scale])) for k, m in untouched.items()
+        }
+    if "profile" in args.tasks:
+        row["profile"] = {
+            "infer": top_operators(inference_step(copy.deepcopy(untouched["ours"]), INFER_BATCH[scale])),
+            "train": top_operators(training_step(copy.deepcopy(untouched["ours"]), TRAIN_BATCH[scale])),
         }
     if args.modes:
         steps = {"eager": inference_step(ours, INFER_BATCH[scale])}
@@ -247,8 +267,10 @@ def _fmt(value: Optional[float], spec: str = ".1f") -> str:
 
 def tables(results: dict[str, dict], side_by_side: bool) -> str:
     """Markdown tables of the results."""
-    lines = []
-    if side_by_side:
+    lines: list[str] = []
+    if not any(k in r for r in results.values() for k in ("infer", "train", "memory_mib")):
+        pass  # only a profile or modes were asked for
+    elif side_by_side:
         lines += [
             "| model | inference img/s: ours / official | speed-up | training img/s: ours / official | speed-up "
             "| training peak MiB: ours / official |",
@@ -268,6 +290,12 @@ def tables(results: dict[str, dict], side_by_side: bool) -> str:
                 f"| {name} | {_fmt(r.get('infer', {}).get('ours'))} | {_fmt(r.get('train', {}).get('ours'))} "
                 f"| {_fmt(r.get('memory_mib', {}).get('ours'), '.0f')} |"
             )
+    profiled = {name: r["profile"] for name, r in results.items() if "profile" in r}
+    if profiled:
+        lines += ["", "| model | inference: top operators (% of self CPU time) | training step |", "|---|---|---|"]
+        for name, p in profiled.items():
+            cells = [", ".join(f"{op} {share:.0f} %" for op, share in p[task]) for task in ("infer", "train")]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     modes = [m for m in MODES if any(m in r.get("modes", {}) for r in results.values())]
     if modes:
         lines += ["", "| model | eager img/s | " + " | ".join(f"{m} img/s (× eager)" for m in modes) + " |",
