@@ -268,9 +268,8 @@ def _fmt(value: Optional[float], spec: str = ".1f") -> str:
 def tables(results: dict[str, dict], side_by_side: bool) -> str:
     """Markdown tables of the results."""
     lines: list[str] = []
-    if not any(k in r for r in results.values() for k in ("infer", "train", "memory_mib")):
-        pass  # only a profile or modes were asked for
-    elif side_by_side:
+    timed = any(k in r for r in results.values() for k in ("infer", "train", "memory_mib"))
+    if timed and side_by_side:
         lines += [
             "| model | inference img/s: ours / official | speed-up | training img/s: ours / official | speed-up "
             "| training peak MiB: ours / official |",
@@ -283,7 +282,7 @@ def tables(results: dict[str, dict], side_by_side: bool) -> str:
                 f"| {_fmt(tr.get('ours'))} / {_fmt(tr.get('official'))} | {_fmt(tr.get('speedup'), '.2f')}× "
                 f"| {_fmt(mem.get('ours'), '.0f')} / {_fmt(mem.get('official'), '.0f')} |"
             )
-    else:
+    elif timed:
         lines += ["| model | inference img/s | training img/s | training peak MiB |", "|---|---|---|---|"]
         for name, r in results.items():
             lines.append(
