@@ -17,16 +17,18 @@ Problems are reported before training with a :class:`DataError` naming the file 
 missing root, an empty class folder, a list file naming missing images, labels out of range, fewer
 images than one batch. An image that cannot be decoded during training is skipped with a warning
 and counted (``ImageDataset.collate`` returns the count with every batch, so it survives worker
-processes); the epoch summary reports it.
+processes); the epoch summary reports it. Every image is read by :func:`open_rgb`: 16-bit images are
+scaled to 8 bits, and images it cannot convert faithfully (floating-point ones) count as unreadable.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -41,6 +43,23 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 class DataError(ValueError):
     """A dataset that cannot be used; the message names the file or folder at fault."""
+
+
+def open_rgb(source: Union[str, Path, Image.Image]) -> Image.Image:
+    """An image file or PIL image as 8-bit RGB; 16-bit images scaled, not clipped; a :class:`DataError` otherwise."""
+    with contextlib.ExitStack() as opened:  # closes the file if we open one, not an image passed in
+        image = source if isinstance(source, Image.Image) else opened.enter_context(Image.open(source))
+        name = getattr(image, "filename", "") or "the image"
+        if image.mode == "F":  # PIL would clip to 0..255; the range of float data is unknown
+            raise DataError(f"{name} is a 32-bit floating-point image, which cannot be read as 8-bit RGB "
+                            "faithfully; save it as an 8- or 16-bit image")
+        if image.mode == "I" or image.mode.startswith("I;16"):  # PIL's convert("RGB") clips these to 255
+            values = np.asarray(image).astype(np.int64)
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                raise DataError(f"{name} has integer values outside 0..65535 ({values.min()}..{values.max()}), "
+                                "which cannot be read as 8-bit RGB faithfully; save it as an 8- or 16-bit image")
+            return Image.fromarray(np.rint(values / 257).astype(np.uint8)).convert("RGB")
+        return image.convert("RGB")
 
 
 @dataclass
@@ -65,9 +84,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> Optional[tuple[torch.Tensor, int]]:
         sample = self.samples[index]
         try:
-            image = sample.source if isinstance(sample.source, Image.Image) else Image.open(sample.source)
-            image = image.convert("RGB")
-        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+            image = open_rgb(sample.source)
+        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError, DataError a ValueError
             warnings.warn(f"skipping unreadable image {sample.source}: {err}", stacklevel=2)
             return None
         if self.transform is None:

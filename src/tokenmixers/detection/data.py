@@ -33,10 +33,9 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data import DataError
+from ..data import DataError, open_rgb
 
 PathLike = Union[str, Path]
 
@@ -172,8 +171,7 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         image_id = self.image_ids[index]
         try:
-            with Image.open(self.image_path(index)) as img:
-                array = np.asarray(img.convert("RGB"))
+            array = np.asarray(open_rgb(self.image_path(index)))
         except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
             warnings.warn(f"skipping unreadable image {self.image_path(index)}: {err}", stacklevel=2)
             return None

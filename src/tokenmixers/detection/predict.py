@@ -15,9 +15,12 @@ def read_image(path: Union[str, Path]) -> torch.Tensor:
     """An image file as a ``(3, H, W)`` float tensor in [0, 1]; a clear error for a file that is not an image."""
     import numpy as np
 
+    from ..data import DataError, open_rgb
+
     try:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
+        array = np.asarray(open_rgb(path))
+    except DataError:
+        raise  # it names the file and says what to do
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable image: {err}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
