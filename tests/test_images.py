@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tokenmixers import data
@@ -62,3 +63,38 @@ def test_images_that_cannot_be_converted_faithfully_are_refused(tmp_path: Path) 
     dataset = data.ImageDataset([data.Sample(floats, 0)], ["x"])
     with pytest.warns(UserWarning, match="skipping unreadable image .*floating-point"):
         assert dataset[0] is None  # skipped and counted, like an undecodable file
+
+
+# -- drawn detections -----------------------------------------------------------------------------------
+
+NUCLEI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-nuclei"
+
+
+def test_detections_are_drawn_with_a_legend_and_legible_labels() -> None:
+    info = json.loads((NUCLEI / "instances_val.json").read_text())["images"][0]
+    image = predict.read_image(NUCLEI / "images" / info["file_name"])
+    _, H, W = image.shape
+    boxes = torch.tensor([[150.0, 150, 180, 175], [200, 190, 230, 220], [226, 230, 256, 256], [155, 210, 185, 240]])
+    masks = torch.zeros(4, 1, H, W)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+        mask[:, y0 + 3:y1 - 3, x0 + 3:x1 - 3] = 0.9
+    output = {"boxes": boxes, "labels": torch.tensor([1, 1, 1, 1]), "scores": torch.tensor([0.91, 0.84, 0.7, 0.3]),
+              "masks": masks}
+    drawn = predict.draw_detections(image, output, ["nucleus"], score_threshold=0.5)
+    plain = (image * 255).to(torch.uint8)
+    assert drawn.shape == plain.shape and drawn.dtype == torch.uint8
+    # the detections lie bottom right, so the legend goes top left; it changes that corner, nothing else does
+    assert (drawn[:, :12, :40].int() - plain[:, :12, :40].int()).abs().float().mean() > 20
+    assert (drawn[:, 60:120, 60:120] == plain[:, 60:120, 60:120]).all()
+    assert predict.legend_lines(["nucleus"] * 37 + ["cell"]) == [("nucleus", "nucleus: 37"), ("cell", "cell: 1")]
+    assert predict.label_text("nucleus", 0.8449) == "nucleus 0.84"
+
+
+def test_labels_stay_inside_the_image_and_do_not_pile_up() -> None:
+    boxes = [[236.0, 0, 256, 14], [0, 240, 20, 256], [100, 100, 120, 120], [236, 2, 256, 16], [101, 101, 121, 121]]
+    placed = predict.place_labels(boxes, [(70, 14)] * 5, (256, 200))
+    for rect in placed[:3]:
+        x0, y0, x1, y1 = rect
+        assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 200 and (x1 - x0, y1 - y0) == (70, 14)
+    assert placed[2] == (100, 86, 170, 100)  # above its box, at its left edge
+    assert placed[3] is None and placed[4] is None  # would cover an earlier (higher-scoring) label
