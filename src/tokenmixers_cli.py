@@ -312,13 +312,12 @@ def cmd_detect_eval(args: argparse.Namespace) -> None:
 def cmd_detect_predict(args: argparse.Namespace) -> None:
     """Draw a detector's boxes, masks and scores on images; write PNGs."""
     from tokenmixers.detection import load_detector
-    from tokenmixers.detection.predict import predict_image
+    from tokenmixers.detection.predict import output_paths, predict_image
 
     sizes = {"min_size": args.min_size, "max_size": args.max_size} if args.min_size else {}
     detector, _ = load_detector(args.checkpoint, args.model, **sizes)
     out = Path(args.out)
-    for image in args.images:
-        target = out / f"{Path(image).stem}_detections.png" if len(args.images) > 1 or out.suffix != ".png" else out
+    for image, target in zip(args.images, output_paths(args.images, out)):
         output = predict_image(detector, image, target, score_threshold=args.score_threshold, device=args.device)
         kept = int((output["scores"] >= args.score_threshold).sum())
         print(f"{image}: {kept} detection(s) scoring >= {args.score_threshold} -> {target}")

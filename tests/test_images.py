@@ -98,3 +98,22 @@ def test_labels_stay_inside_the_image_and_do_not_pile_up() -> None:
         assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 200 and (x1 - x0, y1 - y0) == (70, 14)
     assert placed[2] == (100, 86, 170, 100)  # above its box, at its left edge
     assert placed[3] is None and placed[4] is None  # would cover an earlier (higher-scoring) label
+
+
+# -- output files of detect predict ---------------------------------------------------------------------
+
+
+def test_every_input_gets_its_own_output_file(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    names = lambda images: [p.name for p in predict.output_paths(images, out)]  # noqa: E731
+    assert names(["a/x.png", "a/y.jpg"]) == ["x_detections.png", "y_detections.png"]  # unique stems: as before
+    assert names(["x.png", "x.jpg", "y.png"]) == ["x_png_detections.png", "x_jpg_detections.png", "y_detections.png"]
+    assert names(["a/x.png", "b/x.png"]) == ["a_x_png_detections.png", "b_x_png_detections.png"]
+    assert names(["p/a/x.png", "q/a/x.png"]) == ["p_a_x_png_detections.png", "q_a_x_png_detections.png"]
+    assert names(["x.png", "x.png"]) == ["x_detections.png", "x_detections_2.png"]  # the same file twice
+    assert names(["x.png", "x.jpg", "x.png"]) == ["x_png_detections.png", "x_jpg_detections.png",
+                                                  "x_png_detections_2.png"]
+    assert names(["x.png", "X.png"]) == ["x_detections.png", "X_detections_2.png"]  # one file where case is ignored
+    assert predict.output_paths(["a/x.png", "b/x.png"], out)[0].parent == out
+    assert predict.output_paths(["x.png"], tmp_path / "drawn.png") == [tmp_path / "drawn.png"]
+    assert predict.output_paths(["x.png"], out) == [out / "x_detections.png"]

@@ -1,7 +1,7 @@
 """Detections drawn on an image: boxes, masks, class names and scores, written as a PNG."""
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -139,6 +139,40 @@ def draw_detections(image: torch.Tensor, output: dict[str, torch.Tensor], catego
         if rect is not None:
             draw_text_box(draw, rect, text, font, colour, pad)
     return torch.from_numpy(np.array(picture)).permute(2, 0, 1)
+
+
+def output_paths(images: Sequence[Union[str, Path]], out: Path) -> list[Path]:
+    """One distinct PNG per input: ``out`` itself for one image and an ``out`` ending in .png, else
+    ``out/<stem>_detections.png``, with the suffix and then parent folders added to names that clash."""
+    if len(images) == 1 and out.suffix == ".png":
+        return [out]
+    paths = [Path(p).absolute() for p in images]
+    levels = [0] * len(paths)  # how much of each path its name shows
+
+    def name(path: Path, level: int) -> str:
+        """0: the stem; 1: stem and suffix; 2, 3, ...: also the last 1, 2, ... folders."""
+        if level == 0:
+            return path.stem
+        folders = path.parent.parts[1:]  # without the root
+        return "_".join([*folders[len(folders) - (level - 1):], path.stem + path.suffix.replace(".", "_", 1)])
+
+    while True:
+        keys = [name(p, n).lower() for p, n in zip(paths, levels)]  # lower: names clash on case-insensitive disks
+        files: dict[str, set[str]] = defaultdict(set)
+        for key, path in zip(keys, paths):
+            files[key].add(str(path).lower())
+        # a longer name only helps against another file: the same file given twice is numbered below
+        grow = [i for i, p in enumerate(paths) if len(files[keys[i]]) > 1 and levels[i] < len(p.parts) - 1]
+        if not grow:
+            break
+        for i in grow:
+            levels[i] += 1
+    seen: Counter[str] = Counter()
+    result = []
+    for path, level, key in zip(paths, levels, keys):
+        seen[key] += 1
+        result.append(out / f"{name(path, level)}_detections{f'_{seen[key]}' if seen[key] > 1 else ''}.png")
+    return result
 
 
 @torch.no_grad()
