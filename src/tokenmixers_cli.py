@@ -1,13 +1,18 @@
 """The ``tokenmixers`` command line: a thin layer over the library.
 
-This module lives outside the ``tokenmixers`` package on purpose: importing the package registers
-the models in timm, which loads torch, timm and torchvision (several seconds). Parsing, ``--help``
-and ``list`` need none of that; each command imports what it uses when it runs.
+Each command is a function registered with :func:`command`, its arguments declared beside it. This
+module lives outside the ``tokenmixers`` package on purpose: importing the package registers the
+models in timm, which loads torch, timm and torchvision (seconds). Parsing, ``--help`` and ``list``
+need none of that; each command imports what it uses when it runs (the deferred imports below are
+all for that reason).
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import importlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -15,7 +20,32 @@ import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
+
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    """One argument of a command, as ``argparse.add_argument`` takes it."""
+    return flags, options
+
+
+# name ("train", or "detect train" for a subcommand) -> (function, help, arguments, runs models)
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, list[Arg], bool]] = {}
+GROUPS = {"detect": "Mask R-CNN with any backbone: train, eval, predict, invariance"}
+
+
+def command(name: str, help: str, *args: Arg, runs_models: bool = True) -> Callable:
+    """Register a command with its help line and arguments; ``runs_models``: it keeps freed CPU memory."""
+
+    def register(fn: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+        COMMANDS[name] = (fn, help, list(args), runs_models)
+        return fn
+
+    return register
+
+
+# -- argument types --------------------------------------------------------------------------------------
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -42,6 +72,51 @@ def _positive(text: str) -> int:
     return value
 
 
+PRECISION = arg("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+RUN = [  # the shortcut flags of a training run; any other setting is key=value
+    arg("overrides", nargs="*", help="settings to change, e.g. epochs=30 batch_size=64 precision=bf16"),
+    arg("--model", default=None),
+    arg("--output", default=None, help="output folder (checkpoints, metrics, logs)"),
+    arg("--resume", default=None, help="'auto' or a checkpoint path"),
+    arg("--overwrite", action="store_true",
+        help="start over in an output folder that holds a previous run (deletes its checkpoints)"),
+]
+
+
+def _output_folder(path: str, option: str) -> Path:
+    """An output folder path must not name an existing file."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{option} {folder} is a file, not a folder; choose a folder path (it is created if missing)")
+    return folder
+
+
+def _run_overrides(args: argparse.Namespace) -> list[str]:
+    """``key=value`` overrides plus the shortcut flags (--model, --data, --output, --resume, --overwrite)."""
+    extra = [f"{k}={getattr(args, k)}" for k in ("model", "data", "output", "resume") if getattr(args, k, None) is not None]
+    if getattr(args, "overwrite", False):
+        extra.append("overwrite=true")
+    return extra + list(args.overrides)
+
+
+def _checkpoints(args: argparse.Namespace) -> Optional[list[Optional[str]]]:
+    """One checkpoint per model (or none)."""
+    if not args.checkpoint:
+        return None
+    if len(args.checkpoint) != len(args.models):
+        raise ValueError(f"give one --checkpoint per model ({len(args.models)} models, {len(args.checkpoint)} checkpoints)")
+    return [None if c in ("none", "random") else c for c in args.checkpoint]
+
+
+def _primary() -> bool:
+    from tokenmixers.distributed import is_primary
+
+    return is_primary()
+
+
+# -- models --------------------------------------------------------------------------------------------
+
+
 def _zoo_configs() -> ModuleType:
     """``tokenmixers.configs`` (the built-in zoo as data), read without importing the package."""
     spec = importlib.util.find_spec("tokenmixers")
@@ -53,19 +128,26 @@ def _zoo_configs() -> ModuleType:
     return module
 
 
+@command("list", "list registered models (or mixers)",
+         arg("pattern", nargs="?", default="*", help="glob over model names, e.g. 'unified_*_tiny'"),
+         arg("--mixers", action="store_true", help="list the registered mixers instead"),
+         arg("--params", action="store_true", help="also count each model's parameters (builds them)"),
+         runs_models=False)
 def cmd_list(args: argparse.Namespace) -> None:
     """Print the registered models (family, mixer, depths, widths; ``--params``: parameters) or the mixers."""
-    import fnmatch
-
+    live = args.imports or args.params  # plug-ins registered models, or sizes are wanted: ask the live registry
     if args.mixers:
-        import tokenmixers
+        if live:
+            from tokenmixers import list_mixers
 
-        print("\n".join(tokenmixers.list_mixers()))
+            print("\n".join(list_mixers()))
+        else:
+            print("\n".join(_zoo_configs().BUILTIN_MIXERS))
         return
-    if args.imports or args.params:  # plug-ins registered models, or sizes are wanted: ask the live registry
+    if live:
         from tokenmixers import zoo
 
-        models = {n: (zoo.MODEL_FAMILY[n], zoo.MODEL_CFGS[n]) for n in zoo.list_models()}
+        models = {n: (zoo.family_of(n), zoo.model_cfg(n)) for n in zoo.list_models()}
     else:
         models = _zoo_configs().builtin_models()
     names = [n for n in models if fnmatch.fnmatch(n, args.pattern)]
@@ -80,11 +162,22 @@ def cmd_list(args: argparse.Namespace) -> None:
             from tokenmixers.bench import count_params
             from tokenmixers.zoo import create_model
 
-            with torch.device("meta"):
-                line += f" params={count_params(create_model(name)) / 1e6:.2f}M"
+            line += f" params={count_params(create_model(name, device=torch.device('meta'))) / 1e6:.2f}M"
         print(line)
 
 
+@command("bench", "params, MACs, throughput, latency and memory of models",
+         arg("models", nargs="+", help="model names or globs, e.g. 'unified_*_micro'"),
+         arg("--input-size", type=_size, default=(224, 224), help="H or HxW (default 224)"),
+         arg("--batch-size", type=_positive, default=32),
+         arg("--device", default="cpu", help="cpu or cuda[:N]"),
+         PRECISION,
+         arg("--threads", type=_positive, default=None, help="CPU threads (default: torch's)"),
+         arg("--channels-last", action="store_true"),
+         arg("--compile", action="store_true", help="torch.compile the model"),
+         arg("--iters", type=_positive, default=7, help="timed iterations (median is reported)"),
+         arg("--no-speed", action="store_true", help="only params and MACs"),
+         arg("--out", default=None, help="folder for bench.json / bench.csv / bench.md"))
 def cmd_bench(args: argparse.Namespace) -> None:
     """Benchmark models and write JSON/CSV/markdown."""
     if args.out:
@@ -93,66 +186,66 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from tokenmixers.distributed import check_device
 
     check_device(args.device)
-
-    rows = benchmark(
-        args.models,
-        input_size=args.input_size,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        speed=not args.no_speed,
-        iters=args.iters,
-    )
+    rows = benchmark(args.models, input_size=args.input_size, batch_size=args.batch_size, device=args.device,
+                     precision=args.precision, threads=args.threads, channels_last=args.channels_last,
+                     compile=args.compile, speed=not args.no_speed, iters=args.iters)
     print(to_markdown(rows))
     if args.out:
-        paths = write_results(rows, args.out)
-        print(f"\nwrote {', '.join(map(str, paths))}")
+        print(f"\nwrote {', '.join(map(str, write_results(rows, args.out)))}")
 
 
-def _output_folder(path: str, option: str) -> Path:
-    """An output folder path must not name an existing file."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{option} {folder} is a file, not a folder; choose a folder path (it is created if missing)")
-    return folder
-
-
+@command("convert", "convert a checkpoint (official, a training run's or mmdet's) to model.safetensors + config.json",
+         arg("src", help="checkpoint file (.pth/.pt/.bin/.safetensors) or weights folder"),
+         arg("dst", help="output folder"),
+         arg("--model", default=None, help="model name (default: the one the checkpoint names, e.g. a training run's)"),
+         arg("--entry", default="auto", help="'auto' (model, else state_dict, else bare), 'model', 'ema' or a key"),
+         arg("--num-classes", type=_positive, default=None,
+             help="build the model with this many classes (default: the checkpoint's classifier)"),
+         arg("--label-map", default=None, help="file with one source class index per line"),
+         arg("--reset-heads", action="store_true",
+             help="detection checkpoints: re-initialise the class-specific layers for --num-classes"))
 def cmd_convert(args: argparse.Namespace) -> None:
-    """Convert a checkpoint (e.g. an official one) into a ``save_pretrained`` folder."""
+    """Convert a checkpoint into a weights folder; the run's input size, crop and classes travel with it."""
     _output_folder(args.dst, "the destination")
-    import tokenmixers
-    from tokenmixers.checkpoint import checkpoint_classes
+    from tokenmixers.checkpoint import read_checkpoint
+    from tokenmixers.classification import saved_settings
+    from tokenmixers.detection import holds_detector, load_detector, save_detector
+    from tokenmixers.hub import save_pretrained
+    from tokenmixers.zoo import create_model, load_checkpoint
 
-    if _holds_detector(args.src):  # mmdet's Mask R-CNN or ours: a detector folder
-        return _convert_detector(args)
+    source = read_checkpoint(args.src, args.entry)
+    if holds_detector(source):  # mmdet's Mask R-CNN or ours: a detector folder
+        detector, report = load_detector(source, args.model, args.num_classes, reset_heads=args.reset_heads,
+                                         entry=args.entry)
+        print(report)
+        save_detector(detector, args.dst)
+        print(f"wrote {args.dst}/model.safetensors and {args.dst}/config.json (detector, {detector.num_classes} classes)")
+        return
+    name = args.model or source.model_name
+    if name is None:
+        raise ValueError(f"{args.src} does not name its model; pass --model (e.g. --model unified_halo_tiny)")
+    num_classes = args.num_classes or source.num_classes
+    model = create_model(name, **({"num_classes": num_classes} if num_classes is not None else {}))
+    print(load_checkpoint(model, source, entry=args.entry, label_map=args.label_map))
+    saved = saved_settings(source)
+    names = source.class_names if source.class_names and len(source.class_names) == model.num_classes else None
+    save_pretrained(model, args.dst, input_size=saved.get("input_size"), crop_pct=saved.get("crop_pct"),
+                    interpolation=saved.get("interpolation"), class_names=names, data=saved.get("data"))
+    kept = ", ".join(f"{k} {saved[k]}" for k in ("input_size", "crop_pct", "interpolation", "data") if saved.get(k))
+    print(f"wrote {args.dst}/model.safetensors and {args.dst}/config.json ({model.num_classes} classes"
+          + (f"; {kept}" if kept else "") + ")")
 
-    num_classes = args.num_classes if args.num_classes is not None else checkpoint_classes(args.src, args.entry)
-    model = tokenmixers.create_model(args.model, **({"num_classes": num_classes} if num_classes is not None else {}))
-    report = tokenmixers.load_checkpoint(model, args.src, entry=args.entry, label_map=args.label_map)
-    print(report)
-    tokenmixers.save_pretrained(model, args.dst)
-    print(f"wrote {args.dst}/model.safetensors and {args.dst}/config.json ({model.num_classes} classes)")
+
+# -- classification ------------------------------------------------------------------------------------------
 
 
-def _run_overrides(args: argparse.Namespace) -> list[str]:
-    """``key=value`` overrides plus the shortcut flags (--model, --data, --output, --resume, --overwrite)."""
-    extra = [f"{k}={getattr(args, k)}" for k in ("model", "data", "output", "resume") if getattr(args, k, None) is not None]
-    if getattr(args, "overwrite", False):
-        extra.append("overwrite=true")
-    return extra + list(args.overrides)
-
-
-def _primary() -> bool:
-    """Whether this is process 0 of a torchrun / SLURM job (or not distributed)."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-
-
+@command("train", "train a classifier with the paper's recipe (or any recipe) and key=value overrides",
+         *RUN,
+         arg("--recipe", default=None, help="transformer, cnn, fashion, digits or a YAML file (default: the model's)"),
+         arg("--data", default=None, help="data folder (class folders or meta/*.txt), 'fashion' or 'digits'"))
 def cmd_train(args: argparse.Namespace) -> None:
     """Train with a recipe and overrides."""
-    from tokenmixers.training import train
+    from tokenmixers.classification import train
     from tokenmixers.zoo import default_recipe
 
     recipe = args.recipe or (default_recipe(args.model) if args.model else "transformer")
@@ -161,11 +254,26 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"top-1 {summary['top1']}, EMA top-1 {summary['ema_top1']}; summary in {summary['output']}/summary.json")
 
 
+@command("eval", "top-1/top-5 of a checkpoint's raw and EMA weights",
+         arg("--checkpoint", default=None,
+             help="training checkpoint, official checkpoint or weights folder ('none': random weights)"),
+         arg("--model", default=None, help="default: the model the checkpoint names"),
+         arg("--data", default=None, help="data folder, 'fashion' or 'digits' (default: what the weights were trained on)"),
+         arg("--split", default="val"),
+         arg("--batch-size", type=_positive, default=64),
+         arg("--input-size", type=_positive, default=None, help="default: the weights', else 224"),
+         arg("--crop-pct", type=float, default=None, help="default: the weights', else 0.875"),
+         arg("--interpolation", default=None, help="default: the weights', else bicubic"),
+         arg("--num-classes", type=_positive, default=None, help="default: the checkpoint's classifier"),
+         arg("--label-map", default=None),
+         arg("--device", default="auto"),
+         PRECISION,
+         arg("--workers", type=int, default=None, help="default: min(8, available CPUs)"),
+         arg("--out", default=None, help="write the results as JSON"))
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Evaluate a checkpoint's raw and EMA weights, with the data settings of the run that wrote it."""
-    import json
-
-    from tokenmixers.training import evaluate_checkpoint
+    """Evaluate a checkpoint's raw and EMA weights, with the data settings saved with it."""
+    from tokenmixers.classification import evaluate_checkpoint
+    from tokenmixers.files import atomic_write_text
 
     if args.checkpoint is None:
         raise ValueError("no --checkpoint given: evaluating would measure random weights; pass --checkpoint FILE "
@@ -190,11 +298,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for label, metrics in results.items():
         print(f"{label:4s} top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  ({metrics['count']} images)")
     if args.out:
-        from tokenmixers.files import atomic_write_text
-
         atomic_write_text(args.out, json.dumps({**results, "settings": settings}, indent=2))
 
 
+@command("compare", "train and evaluate several models under one recipe; one report",
+         arg("models", nargs="*", help="models or globs (default: the micro models of the paper's five mixers)"),
+         arg("--recipe", default="fashion", help="fashion (built-in Fashion-MNIST subset), digits, transformer, cnn "
+             "or a YAML file"),
+         arg("--seeds", type=_positive, default=1, help="runs per model (seeds from the recipe's seed on); reports "
+             "mean ± std and intervals with the seed spread"),
+         arg("--output", default="results/compare"),
+         arg("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+             help="recipe overrides, e.g. --set epochs=3 input_size=48"),
+         arg("--bench-size", type=int, default=224),
+         arg("--bench-batch", type=int, default=8))
 def cmd_compare(args: argparse.Namespace) -> None:
     """Train and evaluate several models under one recipe; write one report."""
     _output_folder(args.output, "--output")
@@ -202,19 +319,27 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     result = compare(args.models or None, recipe=args.recipe, overrides=args.overrides, output=args.output,
                      bench_size=args.bench_size, bench_batch=args.bench_batch, seeds=args.seeds)
-    print((Path(result["report"]).read_text()))
+    print(Path(result["report"]).read_text())
     print(f"report: {result['report']}")
 
 
-def _checkpoints(args: argparse.Namespace) -> Optional[list[Optional[str]]]:
-    """One checkpoint per model (or none)."""
-    if not args.checkpoint:
-        return None
-    if len(args.checkpoint) != len(args.models):
-        raise ValueError(f"give one --checkpoint per model ({len(args.models)} models, {len(args.checkpoint)} checkpoints)")
-    return [None if c in ("none", "random") else c for c in args.checkpoint]
+# -- analyses ---------------------------------------------------------------------------------------------
 
 
+@command("erf", "effective receptive field per stage (maps, metrics, heatmaps)",
+         arg("models", nargs="+", help="tokenmixers or timm model names"),
+         arg("--images", default="digits", help="'digits', 'fashion', a dataset root (val split) or any image folder"),
+         arg("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)"),
+         arg("--num-images", type=_positive, default=50, help="number of images"),
+         arg("--input-size", type=int, default=224),
+         arg("--stages", type=int, nargs="*", default=None, help="0-based stage indices (default: all)"),
+         arg("--batch-size", type=_positive, default=8),
+         arg("--device", default="cpu"),
+         arg("--layer-scale", type=float, default=None,
+             help="random-weight models: set every layer-scale gamma (e.g. 1.0) so the mixers contribute"),
+         arg("--method", choices=("abs", "replknet"), default="abs",
+             help="abs: |gradient|, mass of the map; replknet: RepLKNet's relu(gradient), mass of log10(map + 1)"),
+         arg("--out", default="results/erf"))
 def cmd_erf(args: argparse.Namespace) -> None:
     """Effective receptive fields per stage."""
     _output_folder(args.out, "--out")
@@ -230,6 +355,21 @@ def cmd_erf(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+@command("invariance", "consistency and accuracy under translation, rotation and scale",
+         arg("models", nargs="+"),
+         arg("--data", default="digits", help="'digits', 'fashion', a dataset root (val split) or any image folder"),
+         arg("--kinds", nargs="+", default=["translation", "pre_rotation", "post_rotation", "scale"],
+             choices=["translation", "pre_rotation", "post_rotation", "scale"]),
+         arg("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)"),
+         arg("--num-images", type=_positive, default=None, help="use the first N images"),
+         arg("--batch-size", type=_positive, default=32),
+         arg("--input-size", type=int, default=224),
+         arg("--crop-pct", type=float, default=0.875),
+         arg("--align", choices=["shift", "center"], default="shift",
+             help="translation: keep clipped crops at their true offset (shift) or re-centre them (official)"),
+         arg("--seed", type=int, default=0),
+         arg("--device", default="auto"),
+         arg("--out", default="results/invariance"))
 def cmd_invariance(args: argparse.Namespace) -> None:
     """Translation / rotation / scale invariance."""
     _output_folder(args.out, "--out")
@@ -246,26 +386,7 @@ def cmd_invariance(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-# -- detection (Mask R-CNN with any backbone) -------------------------------------------------------------
-
-
-def _holds_detector(path: str) -> bool:
-    """Whether a checkpoint holds a whole detector (mmdet's Mask R-CNN or ours), not a classifier."""
-    from tokenmixers.checkpoint import read_state_dict
-    from tokenmixers.converters import to_tokenmixers
-
-    return "roi_heads.box_predictor.cls_score.weight" in to_tokenmixers(read_state_dict(path)[0])[0]
-
-
-def _convert_detector(args: argparse.Namespace) -> None:
-    """``convert`` for a detection checkpoint: a detector folder (model.safetensors + config.json)."""
-    from tokenmixers.detection import load_detector, save_detector
-
-    detector, report = load_detector(args.src, args.model, args.num_classes, reset_heads=args.reset_heads,
-                                     entry=args.entry)
-    print(report)
-    save_detector(detector, args.dst)
-    print(f"wrote {args.dst}/model.safetensors and {args.dst}/config.json (detector, {detector.num_classes} classes)")
+# -- detection --------------------------------------------------------------------------------------------
 
 
 def _ap_line(iou_type: str, metrics: dict) -> str:
@@ -273,11 +394,24 @@ def _ap_line(iou_type: str, metrics: dict) -> str:
     return f"{iou_type:4s} " + "  ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in metrics.items())
 
 
+TEST_SCALE = [
+    arg("--model", default=None, help="backbone model (needed for mmdet checkpoints)"),
+    arg("--device", default="auto"),
+    arg("--min-size", type=int, default=None, help="test scale, shorter side (default: the checkpoint's run's, "
+        "else 800)"),
+    arg("--max-size", type=int, default=None, help="test scale, longer side cap (default: the run's, else 1333)"),
+]
+
+
+@command("detect train", "train a detector (recipes: mask_rcnn_1x, mask_rcnn_3x, smoke, or a YAML file)",
+         *RUN,
+         arg("--recipe", default="mask_rcnn_1x", help="mask_rcnn_1x, mask_rcnn_3x, smoke or a YAML file"),
+         arg("--data", default=None, help="COCO-format folder (instances_<split>.json and the images)"))
 def cmd_detect_train(args: argparse.Namespace) -> None:
     """Train a detector with a detection recipe and key=value overrides."""
-    from tokenmixers.detection.train import train_detector
+    from tokenmixers.detection.task import train
 
-    summary = train_detector(args.recipe, _run_overrides(args))
+    summary = train(args.recipe, _run_overrides(args))
     if not _primary():
         return
     for iou_type in ("bbox", "segm"):
@@ -286,246 +420,119 @@ def cmd_detect_train(args: argparse.Namespace) -> None:
     print(f"summary in {summary['output']}/summary.json")
 
 
+@command("detect eval", "COCO bbox and segm AP of a detection checkpoint (ours or mmdet's)",
+         arg("--checkpoint", required=True, help="training checkpoint, detector folder or mmdet checkpoint"),
+         arg("--data", required=True, help="COCO-format folder"),
+         arg("--split", default="val"),
+         arg("--batch-size", type=int, default=2),
+         PRECISION,
+         arg("--workers", type=int, default=2),
+         arg("--num-images", type=int, default=None, help="evaluate the first N images"),
+         arg("--out", default=None, help="write the results as JSON"),
+         *TEST_SCALE)
 def cmd_detect_eval(args: argparse.Namespace) -> None:
     """COCO bbox (and segm) AP of a detection checkpoint."""
-    import json
-
     from tokenmixers.detection.evaluate import evaluate_checkpoint
+    from tokenmixers.files import atomic_write_text
 
-    sizes = {"min_size": args.min_size, "max_size": args.max_size} if args.min_size else {}
     results = evaluate_checkpoint(args.checkpoint, args.data, model=args.model, split=args.split,
                                   batch_size=args.batch_size, device=args.device, precision=args.precision,
-                                  workers=args.workers, limit=args.num_images, **sizes)
+                                  workers=args.workers, limit=args.num_images, min_size=args.min_size,
+                                  max_size=args.max_size)
     if not _primary():  # every process has the results; one prints and writes them
         return
+    short, long = results["test_scale"]
+    print(f"test scale {short} x {long} (from the {results['test_scale_from'].replace('default', 'defaults')})")
+    if "note" in results:
+        print(f"no AP: {results['note']}")
     for iou_type in ("bbox", "segm"):
         if iou_type in results:
             print(_ap_line(iou_type, results[iou_type]))
     skipped = f", {results['skipped_images']} unreadable skipped" if results["skipped_images"] else ""
     print(f"({results['images']} images{skipped})")
     if args.out:
-        from tokenmixers.files import atomic_write_text
-
         atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
 
 
+@command("detect predict", "draw detections (boxes, masks, scores) on images as PNG",
+         arg("images", nargs="+"),
+         arg("--checkpoint", required=True),
+         arg("--out", default="results/detections", help="a .png file (one image) or a folder"),
+         arg("--score-threshold", type=float, default=0.5),
+         *TEST_SCALE)
 def cmd_detect_predict(args: argparse.Namespace) -> None:
     """Draw a detector's boxes, masks and scores on images; write PNGs."""
     from tokenmixers.detection import load_detector
     from tokenmixers.detection.predict import output_paths, predict_image
 
-    sizes = {"min_size": args.min_size, "max_size": args.max_size} if args.min_size else {}
+    sizes = {"min_size": args.min_size, "max_size": args.max_size or 1333} if args.min_size else {}
     detector, _ = load_detector(args.checkpoint, args.model, **sizes)
-    out = Path(args.out)
-    for image, target in zip(args.images, output_paths(args.images, out)):
+    for image, target in zip(args.images, output_paths(args.images, Path(args.out))):
         output = predict_image(detector, image, target, score_threshold=args.score_threshold, device=args.device)
         kept = int((output["scores"] >= args.score_threshold).sum())
         print(f"{image}: {kept} detection(s) scoring >= {args.score_threshold} -> {target}")
 
 
+@command("detect invariance", "scale invariance: box consistency and box mAP vs scale factor",
+         arg("models", nargs="+"),
+         arg("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)"),
+         arg("--data", required=True, help="COCO-format folder"),
+         arg("--split", default="val"),
+         arg("--num-images", type=int, default=None, help="use the first N images"),
+         arg("--factors", type=float, nargs="+", default=[0.25 * i for i in range(1, 13)]),
+         arg("--base-size", type=_size, default=None,
+             help="standard test scale SHORTxLONG (default: the checkpoint's run's test scale, else 800x1333)"),
+         arg("--reference-score", type=float, default=0.5,
+             help="predictions at the standard scale scoring at least this serve as ground truth"),
+         arg("--device", default="auto"),
+         arg("--workers", type=int, default=2),
+         arg("--out", default="results/scale_invariance"))
 def cmd_detect_invariance(args: argparse.Namespace) -> None:
     """Scale invariance (box consistency and box mAP vs scale factor) of detectors."""
+    from tokenmixers.analysis.scale_invariance import scale_table
     from tokenmixers.detection.evaluate import run_scale_invariance
 
-    results = run_scale_invariance(args.models, args.data, _checkpoints(args), split=args.split,
-                                   limit=args.num_images, factors=args.factors, base_size=args.base_size,
-                                   reference_score=args.reference_score, device=args.device, workers=args.workers,
-                                   out=args.out)
+    results, scales = run_scale_invariance(args.models, args.data, _checkpoints(args), split=args.split,
+                                           limit=args.num_images, factors=args.factors, base_size=args.base_size,
+                                           reference_score=args.reference_score, device=args.device,
+                                           workers=args.workers, out=args.out)
     if not _primary():
         return
-    for name, rows in results.items():
-        worst = min(rows, key=lambda r: r["consistency"])
-        print(f"{name}: lowest box consistency {worst['consistency']:.1f} at x{worst['factor']:g}")
+    for name, (short, long) in scales.items():
+        source = "--base-size" if args.base_size else "the checkpoint's test scale, else 800x1333"
+        print(f"{name}: standard scale {short} x {long} ({source})")
+    print(scale_table(results))
     print(f"wrote {args.out}")
 
 
-def _add_detect_parsers(sub: argparse._SubParsersAction) -> None:
-    """``tokenmixers detect train | eval | predict | invariance``."""
-    detect = sub.add_parser("detect", help="Mask R-CNN with any backbone: train, eval, predict, invariance")
-    dsub = detect.add_subparsers(dest="detect_command", required=True)
-
-    p = dsub.add_parser("train", help="train a detector (recipes: mask_rcnn_1x, mask_rcnn_3x, or a YAML file)")
-    p.add_argument("overrides", nargs="*", help="settings to change, e.g. epochs=1 batch_size=1 min_size=[320]")
-    p.add_argument("--recipe", default="mask_rcnn_1x", help="mask_rcnn_1x, mask_rcnn_3x or a YAML file")
-    p.add_argument("--model", default=None)
-    p.add_argument("--data", default=None, help="COCO-format folder (instances_<split>.json and the images)")
-    p.add_argument("--output", default=None, help="output folder (checkpoints, metrics, logs)")
-    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
-    p.set_defaults(func=cmd_detect_train)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=None, help="backbone model (needed for mmdet checkpoints)")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--min-size", type=int, default=None, help="test scale: shorter side (default 800)")
-        p.add_argument("--max-size", type=int, default=1333, help="test scale: longer side cap")
-
-    p = dsub.add_parser("eval", help="COCO bbox and segm AP of a detection checkpoint (ours or mmdet's)")
-    p.add_argument("--checkpoint", required=True, help="training checkpoint, detector folder or mmdet checkpoint")
-    p.add_argument("--data", required=True, help="COCO-format folder")
-    p.add_argument("--split", default="val")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--num-images", type=int, default=None, help="evaluate the first N images")
-    p.add_argument("--out", default=None, help="write the results as JSON")
-    common(p)
-    p.set_defaults(func=cmd_detect_eval)
-
-    p = dsub.add_parser("predict", help="draw detections (boxes, masks, scores) on images as PNG")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", default="results/detections", help="a .png file (one image) or a folder")
-    p.add_argument("--score-threshold", type=float, default=0.5)
-    common(p)
-    p.set_defaults(func=cmd_detect_predict)
-
-    p = dsub.add_parser("invariance", help="scale invariance: box consistency and box mAP vs scale factor")
-    p.add_argument("models", nargs="+")
-    p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
-    p.add_argument("--data", required=True, help="COCO-format folder")
-    p.add_argument("--split", default="val")
-    p.add_argument("--num-images", type=int, default=None, help="use the first N images")
-    p.add_argument("--factors", type=float, nargs="+", default=[0.25 * i for i in range(1, 13)])
-    p.add_argument("--base-size", type=_size, default=(800, 1333), help="standard test scale SHORTxLONG")
-    p.add_argument("--reference-score", type=float, default=0.5,
-                   help="predictions at the standard scale scoring at least this serve as ground truth")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default="results/scale_invariance")
-    p.set_defaults(func=cmd_detect_invariance)
-
-
-# commands that run models keep freed CPU memory for the next step (tokenmixers.allocator); `list` stays torch-free
-_RUNS_MODELS = {"bench", "train", "eval", "compare", "erf", "invariance", "detect"}
+# -- the parser and main ------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="tokenmixers", description=__doc__)
+    """The parser of every registered command."""
+    parser = argparse.ArgumentParser(prog="tokenmixers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="import a Python module or file first (e.g. one that registers your mixer); repeatable")
     parser.add_argument("--traceback", action="store_true", help="on an error, also print the Python traceback")
     parser.add_argument("--no-memory-reuse", dest="memory_reuse", action="store_false",
                         help="let freed CPU tensor memory go back to the system at once (glibc's default) instead of "
                         "keeping it for the next step (up to 1.5x faster CPU inference)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("list", help="list registered models (or mixers)")
-    p.add_argument("pattern", nargs="?", default="*", help="glob over model names, e.g. 'unified_*_tiny'")
-    p.add_argument("--mixers", action="store_true", help="list the registered mixers instead")
-    p.add_argument("--params", action="store_true", help="also count each model's parameters (builds them)")
-    p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("bench", help="params, MACs, throughput, latency and memory of models")
-    p.add_argument("models", nargs="+", help="model names or globs, e.g. 'unified_*_micro'")
-    p.add_argument("--input-size", type=_size, default=(224, 224), help="H or HxW (default 224)")
-    p.add_argument("--batch-size", type=_positive, default=32)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--iters", type=_positive, default=7, help="timed iterations (median is reported)")
-    p.add_argument("--no-speed", action="store_true", help="only params and MACs")
-    p.add_argument("--out", default=None, help="folder for bench.json / bench.csv / bench.md")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("convert", help="convert a checkpoint (official or ours) to model.safetensors + config.json")
-    p.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors) or save_pretrained folder")
-    p.add_argument("dst", help="output folder")
-    p.add_argument("--model", required=True, help="model name, e.g. unified_halo_tiny")
-    p.add_argument("--entry", default="auto", help="'auto' (model, else state_dict, else bare), 'model', 'ema' or a key")
-    p.add_argument("--num-classes", type=_positive, default=None,
-                   help="build the model with this many classes (default: the checkpoint's classifier)")
-    p.add_argument("--label-map", default=None, help="file with one source class index per line")
-    p.add_argument("--reset-heads", action="store_true",
-                   help="detection checkpoints: re-initialise the class-specific layers for --num-classes")
-    p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser("train", help="train with the paper's recipe (or any recipe) and key=value overrides")
-    p.add_argument("overrides", nargs="*", help="settings to change, e.g. epochs=30 batch_size=64 precision=bf16")
-    p.add_argument("--recipe", default=None, help="transformer, cnn, digits or a YAML file (default: the model's recipe)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--data", default=None, help="data folder (class folders or meta/*.txt), 'fashion' or 'digits'")
-    p.add_argument("--output", default=None, help="output folder (checkpoints, metrics, logs)")
-    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an output folder that holds a previous run (deletes its checkpoints)")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's raw and EMA weights")
-    p.add_argument("--checkpoint", default=None,
-                   help="training checkpoint, official checkpoint or weights folder ('none': random weights)")
-    p.add_argument("--model", default=None, help="default: the model of the run that wrote the checkpoint")
-    p.add_argument("--data", default=None, help="data folder, 'fashion' or 'digits' (default: the run's data)")
-    p.add_argument("--split", default="val")
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--input-size", type=_positive, default=None, help="default: the run's, else 224")
-    p.add_argument("--crop-pct", type=float, default=None, help="default: the run's, else 0.875")
-    p.add_argument("--interpolation", default=None, help="default: the run's, else bicubic")
-    p.add_argument("--num-classes", type=_positive, default=None, help="default: the checkpoint's classifier")
-    p.add_argument("--label-map", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--workers", type=int, default=None, help="default: min(8, available CPUs)")
-    p.add_argument("--out", default=None, help="write the results as JSON")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("compare", help="train and evaluate several models under one recipe; one report")
-    p.add_argument("models", nargs="*", help="models or globs (default: the micro models of the paper's five mixers)")
-    p.add_argument("--recipe", default="fashion", help="fashion (built-in Fashion-MNIST subset), digits, transformer, "
-                   "cnn or a YAML file")
-    p.add_argument("--seeds", type=_positive, default=1, help="runs per model (seeds from the recipe's seed on); "
-                   "reports mean ± std and intervals with the seed spread")
-    p.add_argument("--output", default="results/compare")
-    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="recipe overrides, e.g. --set epochs=3 input_size=48")
-    p.add_argument("--bench-size", type=int, default=224)
-    p.add_argument("--bench-batch", type=int, default=8)
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("erf", help="effective receptive field per stage (maps, metrics, heatmaps)")
-    p.add_argument("models", nargs="+", help="tokenmixers or timm model names")
-    p.add_argument("--images", default="digits", help="'digits', 'fashion', a dataset root (val split) or any image folder")
-    p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
-    p.add_argument("--num-images", type=_positive, default=50, help="number of images")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--stages", type=int, nargs="*", default=None, help="0-based stage indices (default: all)")
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--layer-scale", type=float, default=None,
-                   help="random-weight models: set every layer-scale gamma (e.g. 1.0) so the mixers contribute")
-    p.add_argument("--method", choices=("abs", "replknet"), default="abs",
-                   help="abs: |gradient|, mass of the map; replknet: RepLKNet's relu(gradient), mass of log10(map + 1)")
-    p.add_argument("--out", default="results/erf")
-    p.set_defaults(func=cmd_erf)
-
-    p = sub.add_parser("invariance", help="consistency and accuracy under translation, rotation and scale")
-    p.add_argument("models", nargs="+")
-    p.add_argument("--data", default="digits", help="'digits', 'fashion', a dataset root (val split) or any image folder")
-    p.add_argument("--kinds", nargs="+", default=["translation", "pre_rotation", "post_rotation", "scale"],
-                   choices=["translation", "pre_rotation", "post_rotation", "scale"])
-    p.add_argument("--checkpoint", nargs="*", default=None, help="one per model ('none' for random weights)")
-    p.add_argument("--num-images", type=_positive, default=None, help="use the first N images")
-    p.add_argument("--batch-size", type=_positive, default=32)
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--crop-pct", type=float, default=0.875)
-    p.add_argument("--align", choices=["shift", "center"], default="shift",
-                   help="translation: keep clipped crops at their true offset (shift) or re-centre them (official)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="results/invariance")
-    p.set_defaults(func=cmd_invariance)
-
-    _add_detect_parsers(sub)
+    commands = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, Any] = {}
+    for name, (fn, help, args, _) in COMMANDS.items():
+        group, _, sub = name.rpartition(" ")
+        if group and group not in groups:
+            groups[group] = commands.add_parser(group, help=GROUPS[group]).add_subparsers(dest="subcommand",
+                                                                                          required=True)
+        p = (groups[group] if group else commands).add_parser(sub, help=help, description=help)
+        for flags, options in args:
+            p.add_argument(*flags, **options)
+        p.set_defaults(func=fn, name=name)
     return parser
 
 
 def _import(name: str) -> None:
     """Import a module by name or a Python file by path (plug-ins that register mixers or models)."""
-    import importlib
-    import importlib.util
-
     path = Path(name)
     if path.suffix == ".py":
         if not path.is_file():
@@ -534,14 +541,14 @@ def _import(name: str) -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module
         spec.loader.exec_module(module)
-    else:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name.split(".")[0] and err.name != name:
-                raise  # the module exists but needs something that is missing
-            raise ModuleNotFoundError(f"--import {name}: no module of that name; give an importable module name or "
-                                      "the path of a .py file") from None
+        return
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name.split(".")[0] and err.name != name:
+            raise  # the module exists but needs something that is missing
+        raise ModuleNotFoundError(f"--import {name}: no module of that name; give an importable module name or "
+                                  "the path of a .py file") from None
 
 
 _WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"
@@ -571,18 +578,24 @@ def _describe(err: BaseException) -> str:
     return f"{first} ({type(err).__name__}{where}; rerun with --traceback for the full traceback)"
 
 
-def _resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues an interrupted run: the same arguments with --resume auto."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--resume",):
-            skip = True
-        elif not (arg.startswith(("--resume=", "resume=", "overwrite=")) or arg == "--overwrite"):
-            kept.append(arg)
-    line = "tokenmixers " + " ".join(shlex.quote(a) for a in kept + ["--resume", "auto"])
-    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+def resume_hint(name: str, argv: Sequence[str]) -> str:
+    """The command that continues an interrupted job: a run with --resume auto; a comparison run again as it was."""
+    from tokenmixers.distributed import launched_processes
+
+    if name == "compare":  # finished runs are reused and the interrupted one continues where it stopped
+        kept = list(argv)
+    else:
+        kept, skip = [], False
+        for item in argv:
+            if skip:
+                skip = False
+            elif item == "--resume":
+                skip = True
+            elif not (item.startswith(("--resume=", "resume=", "overwrite=")) or item == "--overwrite"):
+                kept.append(item)
+        kept += ["--resume", "auto"]
+    line = "tokenmixers " + " ".join(shlex.quote(a) for a in kept)
+    if launched_processes() > 1:
         return f"the same launcher (torchrun / srun) with {line.removeprefix('tokenmixers ')}"
     return line
 
@@ -590,6 +603,12 @@ def _resume_command(argv: Sequence[str]) -> str:
 def _short_warning(message: Warning, category: type, filename: str, lineno: int, line: Optional[str] = None) -> str:
     """Warnings as one line, without a source line of the library that raised them."""
     return f"tokenmixers: warning: {message}\n"
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether ``err`` is a run stopped by a signal after saving (the engine's, if the engine was loaded)."""
+    runs = sys.modules.get("tokenmixers.runs")
+    return runs is not None and isinstance(err, runs.Interrupted)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -609,34 +628,32 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         extra = [e for e in extra if e not in overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    func: Callable[[argparse.Namespace], None] = args.func
     warnings.formatwarning = _short_warning
     try:
-        if args.memory_reuse and args.command in _RUNS_MODELS:
+        if args.memory_reuse and COMMANDS[args.name][3]:
             from tokenmixers.allocator import reuse_cpu_memory
 
             reuse_cpu_memory()
         for name in args.imports:
             _import(name)
-        func(args)
+        args.func(args)
     except BrokenPipeError:
         # the reader went away (`tokenmixers list | head`): stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"tokenmixers {args.command}: interrupted; nothing was saved after the last checkpoint", file=sys.stderr)
+        print(f"tokenmixers {args.name}: interrupted; nothing was saved after the last checkpoint", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
-        from_run = type(err).__name__ == "Interrupted"  # tokenmixers.runs.Interrupted (not imported: torch-free)
         if args.traceback:
             import traceback
 
             traceback.print_exc()
-        if from_run:
+        if _interrupted(err):
             if _primary():
-                print(f"tokenmixers {args.command}: {err}; resume with: {_resume_command(argv)}", file=sys.stderr)
+                print(f"tokenmixers {args.name}: {err}; resume with: {resume_hint(args.name, argv)}", file=sys.stderr)
             sys.exit(err.exit_code)
-        print(f"tokenmixers {args.command}: error: {_describe(err)}", file=sys.stderr)
+        print(f"tokenmixers {args.name}: error: {_describe(err)}", file=sys.stderr)
         sys.exit(2)
 
 

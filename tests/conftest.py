@@ -68,7 +68,7 @@ QUICK = {
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """One short digits run shared by the tests that need a trained checkpoint: (run folder, summary)."""
-    from tokenmixers.training import train
+    from tokenmixers.classification import train
 
     out = tmp_path_factory.mktemp("train")
     summary = train("digits", {**QUICK, "max_steps_per_epoch": 12, "deterministic": False, "threads": 0,

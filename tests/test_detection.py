@@ -13,13 +13,14 @@ from PIL import Image
 
 import tokenmixers_cli
 from tokenmixers import CheckpointError
+from tokenmixers.coco import coco_ap, to_records
 from tokenmixers.data import DataError
 from tokenmixers.detection import create_detector, load_detector, load_detector_weights, save_detector
 from tokenmixers.detection.data import CocoDetection
 from tokenmixers.detection.detector import paste_masks
-from tokenmixers.detection.evaluate import coco_ap, scale_invariance, to_records, write_scale_invariance
+from tokenmixers.detection.evaluate import run_scale_invariance
 
-from .conftest import SHARED
+from .conftest import SHARED, cli
 from .test_detection_backbone import official_detection_state_dict
 
 NUCLEI = SHARED / "data" / "coco-nuclei"
@@ -240,18 +241,25 @@ def micro_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_detector(detector, tmp_path_factory.mktemp("det") / "micro", categories=["nucleus"])
 
 
-def test_scale_invariance_by_box_consistency(micro_detector: Path, tmp_path: Path) -> None:
-    detector, _ = load_detector(micro_detector)
-    data = CocoDetection(NUCLEI, "val")
-    rows = scale_invariance(detector.eval(), data, (0.5, 1.0, 2.0), base_size=(128, 128), reference_score=0.0, workers=0)
-    by_factor = {r["factor"]: r for r in rows}
+def test_scale_invariance_by_box_consistency(micro_detector: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    # the standard scale is the checkpoint's own test scale (128 here), not 800: a detector trained and evaluated
+    # small would otherwise be measured at a scale it never saw
+    results, scales = run_scale_invariance(["unified_convnext_micro"], str(NUCLEI), [str(micro_detector)],
+                                           factors=(0.5, 1.0, 2.0), reference_score=0.0, workers=0, out=tmp_path)
+    assert scales == {"unified_convnext_micro": (128, 128)}
+    by_factor = {r["factor"]: r for r in results["unified_convnext_micro"]}
     assert by_factor[1.0]["consistency"] == pytest.approx(100.0)  # the reference itself
     assert by_factor[0.5]["consistency"] < 100.0 and by_factor[2.0]["consistency"] < 100.0
-    assert all(0.0 <= r["mAP"] <= 100.0 and r["boxes"] > 0 for r in rows)
-    assert detector.transform.min_size == (128,)  # the test scale is restored
-    paths = write_scale_invariance({"unified_convnext_micro": rows, "copy": rows}, tmp_path)
-    assert [p.name for p in paths] == ["scale_invariance.json", "scale_invariance.csv", "scale_invariance.png"]
-    assert len(json.loads(paths[0].read_text())) == 6 and Image.open(paths[2]).size[0] > 100
+    assert all(0.0 <= r["mAP"] <= 100.0 and r["boxes"] > 0 for r in by_factor.values())
+    assert len(json.loads((tmp_path / "scale_invariance.json").read_text())) == 3
+    assert Image.open(tmp_path / "scale_invariance.png").size[0] > 100
+    assert (tmp_path / "scale_invariance.md").read_text().count("| x") == 3
+    # the command says which scale it used and prints the table
+    code, out, err = cli(capsys, "detect", "invariance", "unified_convnext_micro", "--checkpoint", str(micro_detector),
+                         "--data", str(NUCLEI), "--factors", "1.0", "2.0", "--workers", "0", "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    assert "unified_convnext_micro: standard scale 128 x 128" in out and "| x2 |" in out
 
 
 def test_detect_eval_and_predict_commands(micro_detector: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -259,7 +267,9 @@ def test_detect_eval_and_predict_commands(micro_detector: Path, tmp_path: Path, 
                           "--workers", "0", "--out", str(tmp_path / "ap.json")])
     printed = capsys.readouterr().out
     assert "bbox AP " in printed and "segm AP " in printed and "(1 images)" in printed
-    assert set(json.loads((tmp_path / "ap.json").read_text())) == {"images", "skipped_images", "bbox", "segm"}
+    assert "test scale 128 x 128 (from the checkpoint)" in printed  # the folder's own scale, said
+    assert set(json.loads((tmp_path / "ap.json").read_text())) == {"images", "skipped_images", "bbox", "segm",
+                                                                    "test_scale", "test_scale_from"}
     image = NUCLEI / "images" / "nuclei_256_256.png"
     tokenmixers_cli.main(["detect", "predict", str(image), "--checkpoint", str(micro_detector), "--out",
                           str(tmp_path / "pred.png"), "--score-threshold", "0.0"])

@@ -15,9 +15,9 @@ import torch
 
 import tokenmixers_cli
 from tokenmixers.data import DataError
-from tokenmixers.detection.train import lr_factor, param_groups, recipe_path, train_detector
-from tokenmixers.recipe import build_config
-from tokenmixers.runs import Interrupted
+from tokenmixers.detection.task import Detection, param_groups
+from tokenmixers.detection.task import train as train_detector
+from tokenmixers.runs import Interrupted, StepSchedule
 
 from .conftest import SHARED, cli, free_port
 
@@ -83,15 +83,18 @@ def test_stopped_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_recipes_schedule_and_weight_decay() -> None:
-    one, three = build_config(recipe_path("mask_rcnn_1x")), build_config(recipe_path("mask_rcnn_3x"))
-    assert (one["lr"], one["batch_size"], one["lr_batch"], one["epochs"], one["milestones"]) == (1e-4, 2, 16, 12, [8, 11])
-    assert (one["weight_decay"], one["opt_betas"], one["min_size"], one["max_size"]) == (0.05, [0.9, 0.999], [800], 1333)
-    assert three["epochs"] == 36 and three["milestones"] == [27, 33] and three["min_size"][0] == 480
-    assert three["min_size"][-1] == 800
+    one, three = Detection.load_settings("mask_rcnn_1x"), Detection.load_settings("mask_rcnn_3x")
+    assert (one.lr, one.batch_size, one.lr_batch, one.epochs, one.milestones) == (1e-4, 2, 16, 12, (8, 11))
+    assert (one.weight_decay, one.opt_betas, one.min_size, one.max_size) == (0.05, (0.9, 0.999), (800,), 1333)
+    assert three.epochs == 36 and three.milestones == (27, 33) and three.min_size[0] == 480 and three.min_size[-1] == 800
+    # the detection recipe adds its own keys to the engine's; a classification key is not one of them
+    assert "mixup" not in Detection.settings.keys() and "min_size" in Detection.settings.keys()
     # mmdet: linear warm-up from 0.001 over 1000 steps, x0.1 after epochs 8 and 11
-    assert lr_factor(0, 1000, one) == pytest.approx(0.001) and lr_factor(500, 1000, one) == pytest.approx(0.5005)
-    assert lr_factor(1000, 1000, one) == 1.0 and lr_factor(7999, 1000, one) == 1.0
-    assert lr_factor(8000, 1000, one) == pytest.approx(0.1) and lr_factor(11000, 1000, one) == pytest.approx(0.01)
+    schedule = StepSchedule(torch.optim.SGD([torch.zeros(1)], lr=1.0), one, steps_per_epoch=1000)
+    factor = schedule.factor
+    assert factor(0) == pytest.approx(0.001) and factor(500) == pytest.approx(0.5005)
+    assert factor(1000) == 1.0 and factor(7999) == 1.0
+    assert factor(8000) == pytest.approx(0.1) and factor(11000) == pytest.approx(0.01)
     from tokenmixers.detection import create_detector
 
     detector = create_detector("unified_swin_micro", 2, fpn_channels=32)

@@ -17,8 +17,10 @@ from tokenmixers.runs import (
     RunError,
     StopRequest,
     claim_run,
+    keep_snapshots,
+    read_resumable,
     restore_state,
-    resume_path,
+    resume_candidates,
     rng_state,
     save_state,
     set_rng_state,
@@ -72,14 +74,36 @@ def test_output_that_is_a_file_is_clear(tmp_path: Path) -> None:
         claim_run(tmp_path / "file")
 
 
-def test_resume_path(tmp_path: Path) -> None:
-    assert resume_path(None, tmp_path) == (None, None)
-    assert resume_path("auto", tmp_path) == (None, f"resume=auto: nothing to resume in {tmp_path} (no last.pth); "
-                                                   "starting a new run")
-    (tmp_path / "last.pth").write_bytes(b"")
-    assert resume_path("auto", tmp_path) == (tmp_path / "last.pth", None)
+def test_resume_candidates(tmp_path: Path) -> None:
+    assert resume_candidates(None, tmp_path) == ([], None)
+    assert resume_candidates("auto", tmp_path) == ([], f"resume=auto: nothing to resume in {tmp_path} (no last.pth); "
+                                                       "starting a new run")
+    for i, name in enumerate(("epoch_0001.pth", "best.pth", "epoch_0002.pth", "last.pth")):
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    # the last checkpoint first, then the snapshots, newest first
+    assert resume_candidates("auto", tmp_path)[0] == [tmp_path / n for n in ("last.pth", "epoch_0002.pth", "best.pth",
+                                                                             "epoch_0001.pth")]
     with pytest.raises(FileNotFoundError, match="resume checkpoint .*nope.pth does not exist"):
-        resume_path(str(tmp_path / "nope.pth"), tmp_path)
+        resume_candidates(str(tmp_path / "nope.pth"), tmp_path)
+
+
+def test_a_damaged_checkpoint_leaves_its_snapshots_intact_and_resume_falls_back(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    last = save_state(tmp_path / "last.pth", {"model": model}, epoch=1)
+    keep_snapshots(last, 1, ("epoch", "best"), keep=3)
+    # a copy truncated in place (a full disk, a crashed copy): snapshots were hard links to it once, and went with it
+    with open(last, "r+b") as f:
+        f.truncate(100)
+    assert torch.load(tmp_path / "best.pth", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "epoch_0001.pth", weights_only=True)["epoch"] == 1
+    path, state, notes = read_resumable(resume_candidates("auto", tmp_path)[0])
+    assert path in (tmp_path / "epoch_0001.pth", tmp_path / "best.pth") and state["epoch"] == 1
+    assert len(notes) == 1 and notes[0].startswith(f"resume: skipped {last}: ")
+    for snapshot in (tmp_path / "best.pth", tmp_path / "epoch_0001.pth"):
+        snapshot.write_bytes(b"garbage")
+    with pytest.raises(RunError, match="none of the checkpoints in .* can be read .*--overwrite"):
+        read_resumable(resume_candidates("auto", tmp_path)[0])
 
 
 def test_state_round_trip_and_mismatch(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import tokenmixers
-from tokenmixers.zoo import MODEL_CFGS
+from tokenmixers.zoo import model_cfg
 
 from .conftest import PAPER_MODELS, ROOT
 
@@ -79,13 +79,13 @@ def test_unknown_model_name_is_clear() -> None:
 def test_zoo_is_data() -> None:
     # every model is one typed, frozen config: a mixer name plus architecture arguments
     for name in PAPER_MODELS:
-        cfg = MODEL_CFGS[name]
+        cfg = model_cfg(name)
         assert cfg.mixer in tokenmixers.list_mixers()
         assert len(cfg.depths) == len(cfg.dims) == 4
         with pytest.raises(dataclasses.FrozenInstanceError):
             cfg.depths = (1, 1, 1, 1)
     built = timm.create_model("unified_pvt_micro", drop_path_rate=0.05)
-    assert built.cfg == MODEL_CFGS["unified_pvt_micro"].replace(drop_path_rate=0.05)
+    assert built.cfg == model_cfg("unified_pvt_micro").replace(drop_path_rate=0.05)
 
 
 def test_register_family_for_a_new_mixer() -> None:

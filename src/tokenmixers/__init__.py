@@ -3,16 +3,25 @@
 >>> import tokenmixers, timm
 >>> model = timm.create_model("unified_halo_tiny")          # or tokenmixers.create_model(...)
 """
+__version__ = "0.1.0"
+
 from .allocator import reuse_cpu_memory
 from .backbone import UnifiedNet
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError
 from .configs import SCALES, DWNetCfg, Family, ModelCfg, STViTCfg
 from .hub import load_pretrained, save_pretrained
 from .mixers import TokenMixer, create_mixer, get_mixer, list_mixers, register_mixer
 from .models import DWNet, STViT
-from .zoo import FAMILIES, create_model, list_models, model_cfg, register_family, register_model_cfg, register_variant
-
-__version__ = "0.1.0"
+from .zoo import (
+    FAMILIES,
+    create_model,
+    list_models,
+    load_checkpoint,
+    model_cfg,
+    register_family,
+    register_model_cfg,
+    register_variant,
+)
 
 __all__ = [
     "UnifiedNet",

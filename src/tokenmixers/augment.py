@@ -10,9 +10,10 @@ gives the black image the official pipeline produced. Every other operation and 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from PIL import Image, ImageOps
+from timm.data import create_transform
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -35,25 +36,27 @@ def _augment_ops(transform: Any) -> list[Any]:
     return found
 
 
-def build_transform(cfg: Mapping[str, Any], training: bool) -> Callable[[Image.Image], Any]:
-    """timm's transform for a recipe: RandomResizedCrop, flip, RandAugment, erasing (train) or resize + centre crop."""
-    from timm.data import create_transform
+def eval_transform(input_size: int, crop_pct: float, interpolation: str) -> Callable[[Image.Image], Any]:
+    """timm's evaluation transform: resize to ``input_size / crop_pct``, centre crop, normalise."""
+    return create_transform(input_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct)
 
+
+def build_transform(cfg: Any, training: bool) -> Callable[[Image.Image], Any]:
+    """timm's transform for a recipe's settings: RandomResizedCrop, flip, RandAugment, erasing (train) or eval's."""
     if not training:
-        return create_transform(cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
-                                crop_pct=cfg["crop_pct"])
+        return eval_transform(cfg.input_size, cfg.crop_pct, cfg.interpolation)
     transform = create_transform(
-        cfg["input_size"],
+        cfg.input_size,
         is_training=True,
-        scale=tuple(cfg["scale"]),
-        ratio=tuple(cfg["ratio"]),
-        hflip=cfg["hflip"],
-        color_jitter=cfg["color_jitter"],
-        auto_augment=cfg["auto_augment"],
-        interpolation=cfg["interpolation"],
-        re_prob=cfg["reprob"],
-        re_mode=cfg["remode"],
-        re_count=cfg["recount"],
+        scale=tuple(cfg.scale),
+        ratio=tuple(cfg.ratio),
+        hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter,
+        auto_augment=cfg.auto_augment,
+        interpolation=cfg.interpolation,
+        re_prob=cfg.reprob,
+        re_mode=cfg.remode,
+        re_count=cfg.recount,
     )
     for op in _augment_ops(transform):
         if op.name.startswith("Posterize"):

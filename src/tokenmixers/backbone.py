@@ -32,7 +32,6 @@ from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models import checkpoint_seq
 from torch import nn
 
-from .checkpoint import load_checkpoint
 from .configs import ModelCfg
 from .layers import check_batch_statistics
 from .mixers import TokenMixer, create_mixer
@@ -349,11 +348,6 @@ class StagedNet(nn.Module):
         self.head.fc = nn.Linear(self.head.hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head.fc)
-
-    @torch.jit.ignore
-    def load_pretrained(self, path: str) -> None:
-        """Load weights from a checkpoint file (timm's ``pretrained_cfg_overlay=dict(file=...)`` path)."""
-        load_checkpoint(self, path)
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Raise a ``ValueError`` that names the problem for anything but ``(B, in_chans, H>=32, W>=32)``."""

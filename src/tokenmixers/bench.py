@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .backbone import Head
 from .files import atomic_write_csv, atomic_write_text
+from .precision import autocast
 from .zoo import create_model, list_models, reported_top1
 
 aten = torch.ops.aten
@@ -136,25 +137,23 @@ def measure_speed(
     batch_size: int = 32,
     input_size: tuple[int, int] = (224, 224),
     device: str = "cpu",
-    dtype: str = "float32",
+    precision: str = "fp32",
     channels_last: bool = False,
     compile: bool = False,
     warmup: int = 2,
     iters: int = 7,
 ) -> dict[str, Any]:
     """Inference throughput (img/s), median latency per batch (ms) and peak extra memory of a forward (MB)."""
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = model.to(device).eval()
     x = torch.randn(batch_size, 3, *input_size, device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     fn = torch.compile(model, dynamic=False) if compile else model  # one graph per input size
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch_dtype, enabled=dtype != "float32")
     cuda = torch.device(device).type == "cuda"
 
     def run() -> None:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast(device, precision):
             fn(x)
         if cuda:
             torch.cuda.synchronize()
@@ -201,7 +200,7 @@ def benchmark(
     input_size: tuple[int, int] = (224, 224),
     batch_size: int = 32,
     device: str = "cpu",
-    dtype: str = "float32",
+    precision: str = "fp32",
     threads: Optional[int] = None,
     channels_last: bool = False,
     compile: bool = False,
@@ -220,8 +219,8 @@ def benchmark(
         macs = count_macs(model, input_size)
         row.update(macs_g=macs["macs"] / 1e9, macs_paper_g=macs["macs_paper"] / 1e9)
         if speed:
-            row.update(measure_speed(model, batch_size, input_size, device, dtype, channels_last, compile, iters=iters))
-        row.update(input_size=f"{input_size[0]}x{input_size[1]}", batch_size=batch_size, device=device, dtype=dtype,
+            row.update(measure_speed(model, batch_size, input_size, device, precision, channels_last, compile, iters=iters))
+        row.update(input_size=f"{input_size[0]}x{input_size[1]}", batch_size=batch_size, device=device, precision=precision,
                    threads=torch.get_num_threads(), channels_last=channels_last, compile=compile)
         rows.append(row)
     return rows

@@ -11,11 +11,15 @@
   number of classes differs.
 * Loading is all-or-nothing: every key and shape is checked before the first tensor is copied,
   so on any error the model keeps its previous weights.
-* This module knows no model list: the zoo installs the hook that names the model a mismatching
-  checkpoint looks like, and our own format (``save_pretrained``) lives in :mod:`tokenmixers.hub`.
+* A file is read and converted once (:func:`read_checkpoint`): the :class:`Checkpoint` it returns
+  (weights, EMA weights, source layout, stored settings, classes) is what callers pass down.
+* This module knows no model list: a caller that does (the zoo) passes the function that names the
+  model a mismatching checkpoint looks like; our own format (``save_pretrained``) lives in
+  :mod:`tokenmixers.hub`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
@@ -43,15 +47,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
-# Names the registered model a state dict belongs to, for error messages. Loading knows no model list:
-# the zoo, which does, installs its guesser here (see set_architecture_guesser).
-_architecture_guesser: Optional[Callable[[dict[str, torch.Tensor]], Optional[str]]] = None
-
-
-def set_architecture_guesser(guess: Optional[Callable[[dict[str, torch.Tensor]], Optional[str]]]) -> None:
-    """Install the function that names the model a mismatching checkpoint looks like."""
-    global _architecture_guesser
-    _architecture_guesser = guess
+# names the registered model a state dict looks like (for error messages)
+Guess = Callable[[StateDict], Optional[str]]
 
 
 @dataclass
@@ -171,41 +168,20 @@ def _read_safetensors(path: Path) -> StateDict:
         raise CheckpointError(f"{path} is not a valid safetensors file; it is truncated or corrupt ({err})") from None
 
 
-def read_state_dict(path: PathLike, entry: str = "auto") -> tuple[StateDict, Optional[str]]:
-    """Read the tensors of a checkpoint file or a ``save_pretrained`` folder.
-
-    Args:
-        path: ``.safetensors``, a torch checkpoint (``.pth``/``.pt``/``.bin``) or a folder with
-            ``model.safetensors``.
-        entry: which state dict of a training checkpoint: ``"auto"`` (``model``, else
-            ``state_dict``, else a bare state dict), ``"model"``, ``"ema"`` (``model_ema`` or
-            ``state_dict_ema``) or any other top-level key.
-
-    Returns:
-        The state dict (``module.`` prefixes removed) and the entry it came from.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+def _read_file(path: Path) -> Any:
+    """A safetensors or torch file's contents (a state dict, or a training checkpoint's mapping)."""
     with open(path, "rb") as f:
         head = f.read(9)  # safetensors: 8-byte little-endian header length, then a JSON header
     is_safetensors = len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
     if path.suffix == ".safetensors" or is_safetensors:
-        obj: Any = _read_safetensors(path)
-    else:
-        obj = safe_torch_load(path)
-
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return _pick_entry(obj, entry, str(path))
+        return _read_safetensors(path)
+    return safe_torch_load(path)
 
 
-def _pick_entry(obj: dict[str, Any], entry: str, where: str) -> tuple[StateDict, Optional[str]]:
+def _pick_entry(obj: Mapping[str, Any], entry: str, where: str) -> tuple[StateDict, Optional[str]]:
     """Select the state dict of a (training) checkpoint and strip DDP's ``module.`` prefix."""
     wanted = {"auto": ["model", "state_dict"], "ema": ["model_ema", "state_dict_ema"]}.get(entry, [entry])
-    chosen = next((k for k in wanted if isinstance(obj.get(k), dict)), None)
+    chosen = next((k for k in wanted if isinstance(obj.get(k), Mapping)), None)
     if chosen is None and entry != "auto":
         raise CheckpointError(f"{where} has no {entry!r} entry; its top-level keys are {sorted(obj)[:10]}")
     state_dict = obj[chosen] if chosen else obj
@@ -215,11 +191,122 @@ def _pick_entry(obj: dict[str, Any], entry: str, where: str) -> tuple[StateDict,
     return {k.removeprefix("module."): v for k, v in tensors.items()}, chosen
 
 
-def checkpoint_classes(path: PathLike, entry: str = "auto") -> Optional[int]:
-    """The number of classes of a checkpoint's classifier (any supported layout), or None if it has none."""
-    weights, _ = to_tokenmixers(read_state_dict(path, entry)[0])
-    classifier = weights.get("head.fc.weight")
-    return int(classifier.shape[0]) if classifier is not None and classifier.ndim == 2 else None
+def _convert(state_dict: StateDict, where: str) -> tuple[StateDict, str]:
+    """A state dict in tokenmixers' layout and the name of the layout it came in."""
+    try:
+        return to_tokenmixers(state_dict)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {where} cannot be converted: {err}") from None
+
+
+@dataclass
+class Checkpoint:
+    """A weights file read and converted once; pass it down instead of its path.
+
+    Attributes:
+        path: where it was read from (``"<state dict>"`` for an in-memory one).
+        state_dict: the chosen entry's weights in tokenmixers' layout.
+        source: the layout they came in (``tokenmixers``, ``stm-eval``, ``mmdet``, ``dwnet``, ``stvit``).
+        entry: which entry of a training checkpoint holds them (``model``, ``state_dict``, ...), if any.
+        ema: the EMA weights, converted, when the file has them.
+        run: the settings of the tokenmixers run that wrote it (empty for any other file).
+        model_config: how the saved model was built: a weights folder's ``config.json``, a detector's config.
+    """
+
+    path: str
+    state_dict: StateDict
+    source: str = "tokenmixers"
+    entry: Optional[str] = None
+    ema: Optional[StateDict] = None
+    run: dict[str, Any] = field(default_factory=dict)
+    model_config: dict[str, Any] = field(default_factory=dict)
+    ema_entry: Optional[str] = None
+
+    @property
+    def model_name(self) -> Optional[str]:
+        """The model it was saved from, when the file says (a run's model, a folder's architecture)."""
+        return self.run.get("model") or self.model_config.get("model") or self.model_config.get("architecture")
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Classes of its classifier (or object classes of a detector), None when it has no classifier."""
+        detector = self.state_dict.get("roi_heads.box_predictor.cls_score.weight")
+        if detector is not None:
+            return int(detector.shape[0]) - 1  # the background is not a class
+        classifier = self.state_dict.get("head.fc.weight")
+        return int(classifier.shape[0]) if classifier is not None and classifier.ndim == 2 else None
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """Names of the classes, when they were saved with the weights."""
+        names = self.model_config.get("categories") or self.model_config.get("label_names")
+        return list(names) if names else None
+
+    def weights(self, entry: str = "auto") -> StateDict:
+        """The weights of an entry: ``auto``/``model`` (the chosen one) or ``ema``."""
+        if entry in ("auto", "model", self.entry) or (entry == "ema" and self.entry in ("model_ema", "state_dict_ema")):
+            return self.state_dict
+        if entry == "ema":
+            if self.ema is None:
+                raise CheckpointError(f"{self.path} has no EMA weights (no 'model_ema' or 'state_dict_ema' entry)")
+            return self.ema
+        raise CheckpointError(f"{self.path}: entry {entry!r} was not read; read the file with "
+                              f"read_checkpoint(path, entry={entry!r})")
+
+    def with_weights(self, state_dict: StateDict) -> "Checkpoint":
+        """The same checkpoint holding other weights (e.g. a part of them), for loading."""
+        return Checkpoint(self.path, state_dict, self.source, self.entry, None, self.run, self.model_config)
+
+    def entry_of(self, entry: str) -> Optional[str]:
+        """The top-level key that :meth:`weights` of ``entry`` come from."""
+        main = entry in ("auto", "model", self.entry) or (entry == "ema" and self.entry in ("model_ema", "state_dict_ema"))
+        return self.entry if main else self.ema_entry
+
+
+def checkpoint_from_mapping(obj: Mapping[str, Any], entry: str = "auto", where: str = "<state dict>") -> Checkpoint:
+    """A :class:`Checkpoint` of an in-memory state dict or training checkpoint."""
+    raw, chosen = _pick_entry(obj, entry, where)
+    state_dict, source = _convert(raw, where)
+    ema, ema_entry = None, None
+    if entry != "ema" and any(isinstance(obj.get(k), Mapping) for k in ("model_ema", "state_dict_ema")):
+        raw_ema, ema_entry = _pick_entry(obj, "ema", where)
+        ema = _convert(raw_ema, where)[0]
+    run = obj.get("config") if isinstance(obj.get("config"), Mapping) and "version" in obj else {}
+    model_config = dict(obj["detector"]) if isinstance(obj.get("detector"), Mapping) else {}
+    if isinstance(obj.get("class_names"), (list, tuple)):
+        model_config["label_names"] = list(obj["class_names"])
+    return Checkpoint(where, state_dict, source, chosen, ema, dict(run), model_config, ema_entry)
+
+
+def read_checkpoint(path: PathLike, entry: str = "auto") -> Checkpoint:
+    """Read a checkpoint file or weights folder once: weights converted, EMA and stored settings kept.
+
+    Args:
+        path: ``.safetensors``, a torch checkpoint (``.pth``/``.pt``/``.bin``) or a folder with
+            ``model.safetensors`` and ``config.json`` (ours: classifiers and detectors).
+        entry: which state dict of a training checkpoint: ``"auto"`` (``model``, else
+            ``state_dict``, else a bare state dict), ``"model"``, ``"ema"`` (``model_ema`` or
+            ``state_dict_ema``) or any other top-level key.
+    """
+    path = Path(path)
+    config: dict[str, Any] = {}
+    if path.is_dir():
+        config_file = path / "config.json"
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text())
+            except ValueError as err:
+                raise CheckpointError(f"{config_file} is not valid JSON ({err}); re-save the folder") from None
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    obj = _read_file(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    checkpoint = checkpoint_from_mapping(obj, entry, str(path.parent if config else path))
+    if config:
+        checkpoint.model_config = config
+    return checkpoint
 
 
 # -- comparing and adapting --------------------------------------------------------------------------
@@ -336,34 +423,34 @@ def adapt_state_dict(
 
 def load_checkpoint(
     model: nn.Module,
-    path: Union[PathLike, Mapping[str, Any]],
+    source: Union[PathLike, Checkpoint, Mapping[str, Any]],
     *,
     entry: str = "auto",
     strict: bool = True,
     label_map: Optional[Union[PathLike, Sequence[int]]] = None,
+    guess: Optional[Guess] = None,
 ) -> LoadReport:
-    """Load weights from any supported file into ``model``, all or nothing.
+    """Load weights into ``model``, all or nothing.
 
     Args:
         model: the model to load into.
-        path: checkpoint file, ``save_pretrained`` folder or an in-memory checkpoint / state
-            dict (official STM-Evaluation layouts are converted automatically).
-        entry: which state dict of a training checkpoint (see :func:`read_state_dict`).
+        source: a :class:`Checkpoint` already read, a checkpoint file or weights folder, or an
+            in-memory checkpoint / state dict (upstream layouts are converted automatically).
+        entry: which state dict of a training checkpoint (see :func:`read_checkpoint`).
         strict: require every model parameter to be in the checkpoint and nothing else.
         label_map: file (one class index per line) or list selecting classifier rows.
+        guess: names the model a mismatching state dict looks like, for the error message.
 
     Returns:
         A :class:`LoadReport`; raises :class:`CheckpointError` without touching the model otherwise.
     """
-    if isinstance(path, Mapping):
-        raw, chosen = _pick_entry(dict(path), entry, "the given checkpoint")
-        path = "<state dict>"
+    if isinstance(source, Checkpoint):
+        checkpoint = source
+    elif isinstance(source, Mapping):
+        checkpoint = checkpoint_from_mapping(source, entry)
     else:
-        raw, chosen = read_state_dict(path, entry)
-    try:
-        converted, source = to_tokenmixers(raw)
-    except ValueError as err:
-        raise CheckpointError(f"checkpoint {path} cannot be converted: {err}") from None
+        checkpoint = read_checkpoint(source, entry)
+    converted = checkpoint.weights(entry)
     target = model.state_dict()
     converted, part = _part_for(converted, target)
     fitted, adapted, mismatched = adapt_state_dict(converted, model, label_map)
@@ -378,9 +465,10 @@ def load_checkpoint(
     ]
     unexpected = [k for k in converted if k not in target and not (k.startswith(head) and reinit_head)]
     if mismatched or (strict and (missing or unexpected)):
-        raise CheckpointError(_mismatch_message(path, model, converted, mismatched, missing, unexpected))
+        looks_like = guess(converted) if guess is not None else None
+        raise CheckpointError(_mismatch_message(checkpoint.path, model, looks_like, mismatched, missing, unexpected))
     model.load_state_dict({k: fitted.get(k, v) for k, v in target.items()}, strict=True)
-    return LoadReport(str(path), source, chosen, adapted, missing, unexpected)
+    return LoadReport(checkpoint.path, checkpoint.source, checkpoint.entry_of(entry), adapted, missing, unexpected)
 
 
 def _part_for(state_dict: StateDict, target: Mapping[str, Any]) -> tuple[StateDict, Optional[str]]:
@@ -396,12 +484,12 @@ def _part_for(state_dict: StateDict, target: Mapping[str, Any]) -> tuple[StateDi
 
 
 def _mismatch_message(
-    path: PathLike, model: nn.Module, state_dict: StateDict, mismatched: list[str], missing: list[str], unexpected: list[str]
+    path: PathLike, model: nn.Module, guess: Optional[str], mismatched: list[str], missing: list[str],
+    unexpected: list[str],
 ) -> str:
     """A grouped explanation of why a checkpoint does not fit, naming the architecture it looks like."""
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     lines = [f"checkpoint {path} does not fit {arch}; the model was left unchanged."]
-    guess = _architecture_guesser(state_dict) if _architecture_guesser is not None else None
     if guess and guess != arch:
         lines.append(f"This checkpoint looks like {guess}, not {arch}: create that model instead.")
     if mismatched:

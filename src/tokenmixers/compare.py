@@ -23,42 +23,40 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import yaml
 
+from .analysis.plots import plt
 from .augment import build_transform
 from .bench import count_macs, count_params, measure_speed, resolve_models
-from .checkpoint import load_checkpoint
-from .configs import PAPER_FAMILIES
+from .classification import Classification, ClassificationSettings, train
 from .data import ImageDataset, build_dataset
 from .distributed import init_distributed
 from .files import atomic_write, atomic_write_csv, atomic_write_text
-from .recipe import build_config, parse_overrides
+from .recipe import parse_overrides
+from .runs import loader
 from .stats import accuracy, paired_difference
-from .zoo import create_model, list_models
+from .zoo import create_model, display_name, load_checkpoint, paper_models, reported_top1
 
 ALPHA = 0.05  # a difference with p >= ALPHA is reported as within noise
 
 
 def default_models() -> list[str]:
     """The micro model of every family of the paper (Halo, PVT, Swin, ConvNeXt, DCNv3)."""
-    names = set(list_models())
-    return [f"unified_{f.name}_micro" for f in PAPER_FAMILIES if f"unified_{f.name}_micro" in names]
+    return paper_models("micro")
 
 
-def _finished(out: Path, cfg: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+def _finished(out: Path, cfg: ClassificationSettings) -> Optional[dict[str, Any]]:
     """The summary of a model already trained with this config, if any."""
     summary, config = out / "summary.json", out / "config.yaml"
     if not (summary.is_file() and config.is_file()):
         return None
-    import yaml
-
     previous = yaml.safe_load(config.read_text())
-    previous.pop("resolved", None)
-    same = all(previous.get(k) == v for k, v in cfg.items() if k not in ("resume", "output"))
+    same = all(previous.get(k) == v for k, v in cfg.to_dict().items() if k not in ("resume", "output"))
     return json.loads(summary.read_text()) if same else None
 
 
 @torch.no_grad()
-def predict(run: Path, cfg: Mapping[str, Any], val: ImageDataset, reuse: bool = True) -> np.ndarray:
+def predict(run: Path, cfg: ClassificationSettings, val: ImageDataset, reuse: bool = True) -> np.ndarray:
     """Top-5 classes ``(images, 5)`` of a finished run's final weights on ``val``.
 
     The weights are the EMA's when the recipe keeps one, else the raw ones; the result is cached
@@ -70,17 +68,14 @@ def predict(run: Path, cfg: Mapping[str, Any], val: ImageDataset, reuse: bool = 
         with np.load(path) as cached:
             if np.array_equal(cached["labels"], labels):
                 return cached["top5"]
-    import yaml
-
     checkpoint = run / "last.pth"
     num_classes = yaml.safe_load((run / "config.yaml").read_text())["resolved"]["num_classes"]
-    device = init_distributed(cfg["device"]).device
-    model = create_model(cfg["model"], num_classes=num_classes)
-    load_checkpoint(model, checkpoint, entry="ema" if cfg["ema"] else "auto")
+    device = init_distributed(cfg.device).device
+    model = create_model(cfg.model, num_classes=num_classes)
+    load_checkpoint(model, checkpoint, entry="ema" if cfg.ema else "auto")
     model.to(device).eval()
-    loader = torch.utils.data.DataLoader(val, batch_size=256, num_workers=cfg["workers"], collate_fn=ImageDataset.collate)
     top5 = []
-    for images, _, skipped in loader:
+    for images, _, skipped in loader(val, 256, None, cfg.workers or 0):
         if skipped:
             raise ValueError(f"{skipped} validation image(s) of {val.name} could not be read; fix or remove them")
         top5.append(model(images.to(device)).topk(min(5, num_classes), dim=1).indices.cpu())
@@ -99,8 +94,6 @@ def compare(
     seeds: int = 1,
 ) -> dict[str, Any]:
     """Train and evaluate ``models`` under one recipe, ``seeds`` runs each; write the report into ``output``."""
-    from .training import train
-
     models = resolve_models(models) if models else default_models()
     if not models:
         raise ValueError("no models to compare")
@@ -110,7 +103,7 @@ def compare(
         overrides = parse_overrides(overrides)
     overrides = dict(overrides or {})
     output = Path(output)
-    first_seed = build_config(recipe, overrides)["seed"]
+    first_seed = Classification.load_settings(recipe, overrides).seed
     val: Optional[ImageDataset] = None
     rows, correct = [], {}
     for i, name in enumerate(models, 1):
@@ -118,7 +111,7 @@ def compare(
         for seed in range(first_seed, first_seed + seeds):
             out = output / name / f"seed{seed}"
             run = {**overrides, "model": name, "seed": seed, "output": str(out), "resume": "auto"}
-            cfg = build_config(recipe, run)
+            cfg = Classification.load_settings(recipe, run)
             summary = _finished(out, cfg)
             print(f"[{i}/{len(models)}] {name}, seed {seed}: "
                   + ("already trained, reusing its summary" if summary else "training"), flush=True)
@@ -126,7 +119,7 @@ def compare(
             if summary is None:
                 summary = train(recipe, run)
             if val is None:
-                val = build_dataset(cfg["data"], "val", build_transform(cfg, training=False), image_size=cfg["input_size"])
+                val = build_dataset(cfg.data, "val", build_transform(cfg, training=False), image_size=cfg.input_size)
                 labels = np.array([s.label for s in val.samples])
             runs.append({"seed": seed, "top5": predict(out, cfg, val, reuse), "summary": summary})
         top5 = np.stack([r["top5"] for r in runs])  # (seeds, images, 5)
@@ -149,7 +142,7 @@ def compare(
         del model
     rows.sort(key=lambda r: -r["top1"])
     pairs = _pairs(rows, correct)
-    weights = "EMA" if cfg["ema"] else "raw"
+    weights = "EMA" if cfg.ema else "raw"
     report = _write_report(rows, pairs, output, recipe, overrides, cfg, len(val), weights, bench_size, bench_batch)
     return {"rows": rows, "pairs": pairs, "report": str(report)}
 
@@ -174,16 +167,13 @@ def _mean_rate(history: Sequence[Mapping[str, Any]]) -> float:
 
 
 def _paper_top1(name: str) -> str:
-    """The paper's ImageNet-1k top-1 of a model (%), or a dash for models the paper did not train."""
-    for family in PAPER_FAMILIES:
-        for scale, top1 in family.paper_top1.items():
-            if name == f"unified_{family.name}_{scale}":
-                return f"{top1:.1f}"
-    return "–"
+    """The ImageNet-1k top-1 (%) reported for a model's official weights, or a dash."""
+    top1 = reported_top1(name)
+    return f"{top1:.1f}" if top1 is not None else "–"
 
 
 def _short(name: str) -> str:
-    return name.removeprefix("unified_")
+    return display_name(name)
 
 
 def _interval(row: Mapping[str, Any], key: str, spec: str = ".2f") -> str:
@@ -212,7 +202,7 @@ def _noise_summary(rows: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[st
 
 
 def _write_report(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], output: Path, recipe: Any,
-                  overrides: Mapping[str, Any], cfg: Mapping[str, Any], num_val: int, weights: str,
+                  overrides: Mapping[str, Any], cfg: ClassificationSettings, num_val: int, weights: str,
                   bench_size: int, bench_batch: int) -> Path:
     """report.md, results.json/.csv, pairs.json and the plots."""
     seeds = [r["seed"] for r in rows[0]["runs"]]
@@ -254,8 +244,8 @@ def _write_report(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], outpu
     text = "\n".join([
         "# Mixer comparison",
         "",
-        f"Recipe `{recipe}` (overrides: {settings}): data `{cfg['data']}`, {cfg['epochs']} epoch(s) at "
-        f"{cfg['input_size']}x{cfg['input_size']}. Accuracy of the {weights} weights after the last epoch on "
+        f"Recipe `{recipe}` (overrides: {settings}): data `{cfg.data}`, {cfg.epochs} epoch(s) at "
+        f"{cfg.input_size}x{cfg.input_size}. Accuracy of the {weights} weights after the last epoch on "
         f"{num_val:,} validation images. {how} A difference is within noise when p ≥ {ALPHA}.",
         "",
         "## Accuracy",
@@ -290,11 +280,6 @@ def _write_report(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], outpu
 def _plots(rows: list[dict[str, Any]], pairs: Sequence[Mapping[str, Any]], output: Path,
            bench_size: int) -> list[tuple[str, Path]]:
     """Ranked accuracy with intervals, accuracy vs MACs and vs throughput, training curves (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     output.mkdir(parents=True, exist_ok=True)
     made = []
 

@@ -52,6 +52,18 @@ def _slurm_master_addr() -> None:
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
 
 
+def is_primary() -> bool:
+    """Whether this is process 0 of the job: of the process group, else of a torchrun / SLURM launch, else alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun / srun) started for this job."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
 def check_device(device: str) -> str:
     """Resolve ``auto`` (cuda if available, else cpu) and refuse a device this machine does not have."""
     if device == "auto":

@@ -8,6 +8,13 @@ import shutil
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Sequence
 
+try:
+    import fcntl
+except ImportError:  # not on Unix: snapshots are plain copies
+    fcntl = None
+
+FICLONE = 0x40049409  # Linux ioctl: make dst a copy-on-write clone of src
+
 
 def atomic_write(path: os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it into place."""
@@ -26,19 +33,27 @@ def atomic_write(path: os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
-def atomic_copy(src: os.PathLike, dst: os.PathLike) -> Path:
-    """Put a snapshot of ``src`` at ``dst`` atomically: a hard link where possible (no copy), else a copy.
+def _clone(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst``: a copy-on-write clone where the file system has them, else a full copy.
 
-    A later atomic rewrite of ``src`` replaces its directory entry, so the link keeps the snapshot.
+    Never a hard link: a file damaged in place (a full disk, a crashed copy) must not damage its snapshots.
     """
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            if fcntl is not None:
+                fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())  # btrfs, XFS, ...: blocks shared until changed
+                return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
+
+
+def atomic_copy(src: os.PathLike, dst: os.PathLike) -> Path:
+    """Put an independent snapshot of ``src`` at ``dst`` atomically (a clone where cheap, else a copy)."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     try:
-        try:
-            os.link(src, tmp)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(src, tmp)
+        _clone(src, tmp)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)

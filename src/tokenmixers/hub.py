@@ -1,10 +1,11 @@
 """Our own weights format: the timm / Hugging Face hub layout, written and read by timm itself.
 
 ``save_pretrained`` writes ``model.safetensors`` and ``config.json`` (architecture, every
-:class:`ModelCfg` field as ``model_args``, num_classes, pretrained_cfg) with timm's
-``save_for_hf``; ``load_pretrained`` is ``timm.create_model("local-dir:<folder>", pretrained=True)``,
-so a folder is equally readable by timm alone. Files appear atomically: a crash never leaves a
-half-written folder behind.
+:class:`ModelCfg` field as ``model_args``, num_classes, the class names as ``label_names``, and
+timm's ``pretrained_cfg`` with the input size, crop and interpolation the weights were trained
+and evaluated at) with timm's ``save_for_hf``; ``load_pretrained`` is
+``timm.create_model("local-dir:<folder>", pretrained=True)``, so a folder is equally readable by
+timm alone. Files appear atomically: a crash never leaves a half-written folder behind.
 """
 from __future__ import annotations
 
@@ -14,22 +15,29 @@ import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 import timm
 from timm.models import save_for_hf
 from torch import nn
 
 from .files import atomic_write_text
-from .zoo import MODEL_CFGS
+from .zoo import is_registered
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PathLike = Union[str, Path]
 
 
-def save_pretrained(model: nn.Module, directory: PathLike) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (timm / HF hub layout)."""
+def save_pretrained(model: nn.Module, directory: PathLike, *, input_size: Optional[int] = None,
+                    crop_pct: Optional[float] = None, interpolation: Optional[str] = None,
+                    class_names: Optional[Sequence[str]] = None, data: Optional[str] = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (timm / HF hub layout).
+
+    ``input_size``, ``crop_pct`` and ``interpolation`` (default: the model's pretrained_cfg) say how
+    images are prepared for these weights, ``class_names`` name the outputs and ``data`` is what they
+    were trained on: all travel with the weights, and ``tokenmixers eval`` reads them.
+    """
     cfg = getattr(model, "pretrained_cfg", None)
     if not cfg or cfg.get("architecture") not in timm.list_models():
         raise ValueError(
@@ -44,9 +52,15 @@ def save_pretrained(model: nn.Module, directory: PathLike) -> Path:
     model_args = model.cfg.to_dict() if hasattr(model, "cfg") else None  # every architecture field, explicitly
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_for_hf(model, str(staging), model_args=model_args, safe_serialization=True)
+        data_config = {k: v for k, v in (("input_size", (3, input_size, input_size) if input_size else None),
+                                          ("crop_pct", crop_pct), ("interpolation", interpolation)) if v is not None}
+        model_config = {"label_names": list(class_names)} if class_names else None
+        save_for_hf(model, str(staging), model_config=model_config, model_args=model_args, safe_serialization=True,
+                    data_config=data_config or None)
         config = json.loads((staging / CONFIG_NAME).read_text())
         config["tokenmixers_version"] = _version()
+        if data is not None:
+            config["training_data"] = data
         atomic_write_text(staging / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
         for name in (WEIGHTS_NAME, CONFIG_NAME):  # weights first: a config never points at missing weights
             os.replace(staging / name, directory / name)
@@ -63,7 +77,7 @@ def load_pretrained(path: PathLike, **overrides: Any) -> nn.Module:
     if not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a save_pretrained folder: {path / WEIGHTS_NAME} is missing")
     arch = json.loads((path / CONFIG_NAME).read_text()).get("architecture")
-    if arch not in MODEL_CFGS and not timm.is_model(arch):
+    if not is_registered(arch) and not timm.is_model(arch):
         raise KeyError(f"{path} holds a {arch!r} model, which is not registered; import the module that registers it")
     return timm.create_model(f"local-dir:{path}", pretrained=True, **overrides)
 

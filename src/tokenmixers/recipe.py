@@ -1,81 +1,211 @@
-"""Training recipes: YAML files shipped with the package, ``extends`` chains and overrides.
+"""Recipes: typed, validated settings read from YAML files with ``extends`` chains and ``key=value`` overrides.
 
-A recipe is a flat mapping of settings. ``defaults.yaml`` lists every setting with its default;
-``transformer.yaml`` and ``cnn.yaml`` are the paper's two recipes (Table III) and ``digits.yaml``
-is the quick CPU recipe of the demo. Any key can be overridden as ``key=value`` (value in YAML
-syntax, checked against the default's type).
+A task's settings are a frozen dataclass, a :class:`Settings` subclass that names every key with its
+type and default. The run engine's keys (:class:`tokenmixers.runs.RunSettings`) are shared by every
+task; a task's settings extend them with the task's own keys. A recipe file is a flat YAML mapping of
+some of those keys, optionally ``extends: <recipe>``. Overrides are ``key=value`` strings (the value in
+YAML syntax) or a mapping. Everything is checked when it is read: an unknown key fails naming the
+closest valid one, a value of the wrong type names the type expected, a number outside its range names
+the range.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import types
+import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import yaml
 
-RECIPE_DIR = Path(__file__).parent / "recipes"
-# settings whose value may be null although the default is not
-NULLABLE = {"auto_augment", "backbone_weights", "color_jitter", "drop_path", "num_classes", "resume", "init_weights", "data", "workers"}
-CHOICES = {
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "mixup_mode": ("batch", "pair", "elem"),
-    "remode": ("pixel", "rand", "const"),
-    "compile_backend": ("inductor", "aot_eager", "eager", "cudagraphs"),
-}
-# (lowest, highest) allowed value of numeric settings; None: unbounded
-BOUNDS = {
-    "epochs": (1, None), "batch_size": (1, None), "accum_steps": (1, None), "lr": (0, None), "lr_batch": (1, None),
-    "warmup_epochs": (0, None), "warmup_lr": (0, None), "min_lr": (0, None), "weight_decay": (0, None),
-    "clip_grad": (0, None), "label_smoothing": (0, 0.999), "drop_path": (0, 0.999), "ema_decay": (0, 1),
-    "input_size": (32, None), "crop_pct": (0.01, None), "hflip": (0, 1), "reprob": (0, 1), "recount": (1, None),
-    "mixup": (0, None), "cutmix": (0, None), "mixup_prob": (0, 1), "mixup_switch_prob": (0, 1), "workers": (0, None),
-    "threads": (0, None), "eval_every": (1, None), "log_every": (1, None), "ckpt_every_steps": (0, None),
-    "ckpt_every_epochs": (1, None),
-    "keep_checkpoints": (1, None), "max_steps_per_epoch": (0, None), "num_classes": (1, None),
-}
+S = TypeVar("S", bound="Settings")
+Overrides = Union[Mapping[str, Any], Sequence[str], None]
 
 
-def list_recipes() -> list[str]:
-    """Names of the recipes shipped with the package."""
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message names the key or file and how to fix it."""
 
 
-def _read(name_or_path: Union[str, Path]) -> dict[str, Any]:
-    """One recipe file, by shipped name or path."""
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Base of every task's settings: reading from a mapping with checks, ``replace`` and a YAML-safe ``to_dict``."""
+
+    # (lowest, highest) allowed value of numeric settings, None for unbounded; merged over the class hierarchy
+    BOUNDS: ClassVar[dict[str, tuple[Optional[float], Optional[float]]]] = {}
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Every setting's name, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def bounds(cls) -> dict[str, tuple[Optional[float], Optional[float]]]:
+        """The ranges of numeric settings, a subclass's over its bases'."""
+        merged: dict[str, tuple[Optional[float], Optional[float]]] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(klass.__dict__.get("BOUNDS", {}))
+        return merged
+
+    @classmethod
+    def check_keys(cls, keys: Sequence[str], where: str) -> None:
+        """Refuse unknown keys, naming the closest valid one."""
+        known = cls.keys()
+        for key in keys:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(known)}"
+                raise RecipeError(f"{where}: unknown setting {key!r}{hint}")
+
+    @classmethod
+    def from_dict(cls: type[S], values: Mapping[str, Any], where: str = "settings") -> S:
+        """Settings from a mapping of some keys (the rest keep their defaults), every value checked."""
+        cls.check_keys(list(values), where)
+        hints = typing.get_type_hints(cls)
+        settings = cls(**{key: _convert(key, value, hints[key], where) for key, value in values.items()})
+        settings._check_bounds(where)
+        return settings
+
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with some settings changed, checked like any other."""
+        return type(self).from_dict({**self.to_dict(), **changes}, where="replace")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (tuples as lists), ready for YAML or JSON."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def _check_bounds(self, where: str) -> None:
+        for key, (low, high) in self.bounds().items():
+            value = getattr(self, key, None)
+            if value is None:
+                continue
+            if (low is not None and value < low) or (high is not None and value > high):
+                allowed = f">= {low}" if high is None else f"between {low} and {high}"
+                raise RecipeError(f"{where}: setting {key!r} must be {allowed}, got {value}; set another value in "
+                                  f"the recipe or as the override {key}=...")
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _describe(hint: Any) -> str:
+    """A type hint as a reader would say it: ``int``, ``list of float``, ``one of a, b``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        inner = args[0] if args[-1] is Ellipsis or len(set(args)) == 1 else args
+        count = "" if args[-1] is Ellipsis else f"{len(args)} "
+        return f"a list of {count}{_describe(inner) if not isinstance(inner, tuple) else inner}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _convert(key: str, value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against (and, for lists and ints given as floats, converted to) the type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def wrong() -> RecipeError:
+        return RecipeError(f"{where}: setting {key!r} expects {_describe(hint)}, got {value!r}")
+
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(key, value, option, where)
+            except RecipeError:
+                continue
+        raise wrong()
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{where}: setting {key!r} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong()
+        items = args[:1] * len(value) if args[-1] is Ellipsis else args
+        if len(items) != len(value):
+            raise wrong()
+        return tuple(_convert(key, v, h, where) for v, h in zip(value, items))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong()
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise wrong()
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong()
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong()
+        return value
+    raise TypeError(f"setting {key!r}: unsupported type {hint!r}")
+
+
+# -- recipe files ---------------------------------------------------------------------------------------
+
+
+def list_recipes(folder: Path) -> list[str]:
+    """Names of the recipes shipped in a folder."""
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _resolve(name_or_path: Union[str, Path], folder: Path) -> Path:
+    """A shipped recipe name (looked up in ``folder``) or a YAML path."""
     path = Path(name_or_path)
-    if not path.suffix:
-        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {path} does not exist")
+        return path
+    path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {name_or_path!r} not found; shipped recipes: {', '.join(list_recipes())}")
+        raise FileNotFoundError(f"recipe {str(name_or_path)!r} not found; shipped recipes: "
+                                f"{', '.join(list_recipes(folder))}, or give a YAML file")
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """One recipe file as a mapping."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ValueError(f"recipe {path} is not valid YAML{line}: {getattr(err, 'problem', None) or err}; "
-                         "fix the file (settings are `key: value` lines)") from None
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"recipe {path} is not valid YAML{line}: {getattr(err, 'problem', None) or err}; fix the "
+                          "file (settings are `key: value` lines)") from None
     if not isinstance(data, dict):
-        raise ValueError(f"recipe {path} must be a mapping of settings")
+        raise RecipeError(f"recipe {path} must be a mapping of settings (`key: value` lines)")
     return data
 
 
-def load_recipe(name_or_path: Union[str, Path] = "transformer") -> dict[str, Any]:
-    """A complete config: the recipe over the recipes it ``extends``, down to ``defaults``."""
-    chain, seen = [], set()
-    current: Union[str, Path, None] = name_or_path
+def read_recipe(cls: type[Settings], recipe: Union[str, Path, None], folder: Path) -> dict[str, Any]:
+    """The values a recipe sets, over the recipes it ``extends`` (names resolve beside the file, else in ``folder``)."""
+    chain: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    current, here = recipe, folder
     while current is not None:
-        if str(current) in seen:
-            raise ValueError(f"recipe {name_or_path!r} extends itself through {current!r}")
-        seen.add(str(current))
-        data = _read(current)
+        try:
+            path = _resolve(current, here)
+        except FileNotFoundError:
+            path = _resolve(current, folder)
+        if path.resolve() in seen:
+            raise RecipeError(f"recipe {recipe!r} extends itself through {path}")
+        seen.add(path.resolve())
+        data = _read(path)
+        current, here = data.pop("extends", None), path.parent
+        cls.check_keys(list(data), f"recipe {path}")
         chain.append(data)
-        current = data.pop("extends", None)
-    config: dict[str, Any] = {}
+    values: dict[str, Any] = {}
     for data in reversed(chain):
-        unknown = set(data) - set(config) if config else set()
-        if unknown:
-            raise ValueError(f"recipe {name_or_path!r} sets unknown key(s) {sorted(unknown)}")
-        config.update(data)
-    return config
+        values.update(data)
+    return values
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -84,12 +214,12 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. epochs=30)")
+            raise RecipeError(f"override {item!r} must look like key=value (e.g. epochs=30)")
         try:
             out[key.strip().replace("-", "_")] = _parse_value(value)
         except yaml.YAMLError as err:
-            raise ValueError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
-                             "write lists as [a, b] and quote text with spaces") from None
+            raise RecipeError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                              "write lists as [a, b] and quote text with spaces") from None
     return out
 
 
@@ -104,52 +234,14 @@ def _parse_value(text: str) -> Any:
     return value
 
 
-def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Return ``config`` updated with ``overrides``; unknown keys and wrong types raise ``ValueError``."""
-    out = dict(config)
-    for key, value in overrides.items():
-        if key not in out:
-            raise ValueError(f"unknown setting {key!r}; known settings: {', '.join(sorted(out))}")
-        default = out[key]
-        if value is None:
-            if default is not None and key not in NULLABLE:
-                raise ValueError(f"setting {key!r} cannot be null")
-        elif default is not None and not _same_type(default, value):
-            raise ValueError(f"setting {key!r} expects {type(default).__name__} (like {default!r}), got {value!r}")
-        if key in CHOICES and value not in CHOICES[key]:
-            raise ValueError(f"setting {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
-        out[key] = value
-    return out
-
-
-def _same_type(default: Any, value: Any) -> bool:
-    """Ints are accepted for floats; everything else must match exactly (bool is not an int here)."""
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    return isinstance(value, type(default))
-
-
-def check_bounds(config: Mapping[str, Any]) -> None:
-    """Numeric settings must lie in their range (:data:`BOUNDS`); raise ``ValueError`` naming the first that does not."""
-    for key, (low, high) in BOUNDS.items():
-        value = config.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"setting {key!r} must be a number, got {value!r}")
-        if (low is not None and value < low) or (high is not None and value > high):
-            allowed = f">= {low}" if high is None else f"between {low} and {high}"
-            raise ValueError(f"setting {key!r} must be {allowed}, got {value}; set another value in the recipe "
-                             f"or as the override {key}=...")
-
-
-def build_config(recipe: Union[str, Path] = "transformer", overrides: Union[Mapping[str, Any], Sequence[str], None] = None) -> dict[str, Any]:
-    """Load a recipe and apply overrides (a mapping or ``key=value`` strings); check types and ranges."""
-    config = load_recipe(recipe)
+def load_settings(cls: type[S], recipe: Union[str, Path, None], overrides: Overrides, folder: Path) -> S:
+    """A task's settings: its defaults, then the recipe (a name in ``folder`` or a path), then the overrides."""
+    values = read_recipe(cls, recipe, folder) if recipe is not None else {}
     if overrides:
         parsed = parse_overrides(overrides) if not isinstance(overrides, Mapping) else dict(overrides)
-        config = apply_overrides(config, parsed)
-    check_bounds(config)
-    return config
+        cls.from_dict(parsed, where="override")  # names an override's own mistakes as the override's
+        values.update(parsed)
+    return cls.from_dict(values, where=f"recipe {recipe}" if recipe is not None else "settings")
+
+
+__all__ = ["Settings", "RecipeError", "list_recipes", "read_recipe", "parse_overrides", "load_settings"]

@@ -3,36 +3,44 @@
 A unified model is ``unified_<family>_<scale>``, built from its :class:`ModelCfg` by
 :class:`UnifiedNet`; a published architecture (``dwnet_*``, ``stvit_*``) is built from its own
 config type by its model class (:mod:`tokenmixers.models`). ``register_family`` and
-``register_variant`` add models at run time, so a new mixer gets the whole zoo from one call. This
-is the only module that knows the model list; loading asks it (through a hook) which model a
-mismatching checkpoint looks like.
+``register_variant`` add models at run time, so a new mixer gets the whole zoo from one call.
+
+This is the only door to the model list: everything else asks it (:func:`list_models`,
+:func:`family_of`, :func:`scale_of`, :func:`paper_models`, :func:`model_cfg`) and never builds or
+parses model names. Its :func:`load_checkpoint` is the checkpoint loader that also names the model
+a mismatching checkpoint looks like.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import functools
 import re
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
 
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet
 
-from . import configs
+from . import checkpoint, configs
 from .backbone import StagedNet, UnifiedNet
-from .checkpoint import CheckpointError, adapt_state_dict, set_architecture_guesser
-from .configs import SCALES, AnyCfg, DWNetCfg, Family, ModelCfg, STViTCfg
+from .checkpoint import Checkpoint, CheckpointError, LoadReport, adapt_state_dict
+from .configs import PAPER_FAMILIES, SCALES, AnyCfg, DWNetCfg, Family, ModelCfg, STViTCfg
 from .converters import to_tokenmixers
 from .models import DWNet, STViT
 
 __all__ = ["SCALES", "FAMILIES", "create_model", "list_models", "model_cfg", "register_family", "register_variant",
-           "register_model_cfg", "default_recipe", "check_model_name", "guess_architecture", "reported_top1"]
+           "register_model_cfg", "default_recipe", "check_model_name", "guess_architecture", "reported_top1",
+           "family_of", "scale_of", "paper_models", "is_registered", "display_name", "load_checkpoint"]
 
 FAMILIES: dict[str, Family] = {}
-MODEL_CFGS: dict[str, AnyCfg] = {}  # model name -> architecture
-MODEL_FAMILY: dict[str, str] = {}  # model name -> family name
+_MODEL_CFGS: dict[str, AnyCfg] = {}  # model name -> architecture
+_MODEL_FAMILY: dict[str, str] = {}  # model name -> family name
+_MODEL_SCALE: dict[str, str] = {}  # model name -> micro / tiny / small / base (where it has one)
 REPORTED_TOP1: dict[str, float] = dict(configs.TIMM_TOP1)  # model name -> ImageNet-1k top-1 of the official weights
 default_cfgs: dict[str, Any] = {}  # read by timm's register_model
 
@@ -61,7 +69,6 @@ def pretrained_cfg(**kwargs: Any) -> dict[str, Any]:
             first_conv="stem.conv1",
             classifier="head.fc",
             license="apache-2.0",
-            custom_load=True,  # weights files go through tokenmixers.load_checkpoint (conversion, checks)
         ),
         **kwargs,
     }
@@ -76,37 +83,52 @@ def _filter_pretrained(state_dict: dict[str, torch.Tensor], model: StagedNet) ->
     return state_dict
 
 
-def _build(name: str, pretrained: bool = False, **kwargs: Any) -> StagedNet:
-    """Build a registered model through timm (pretrained loading, ``features_only``)."""
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if overlay.get("file"):
-        # route weight files through tokenmixers.load_checkpoint: conversion, the 'model' entry, clear errors
-        kwargs["pretrained_cfg_overlay"] = {"custom_load": True, **overlay}
-    return build_model_with_cfg(
-        ARCHITECTURES[type(MODEL_CFGS[name])][0],
-        name,
-        pretrained,
-        model_cfg=MODEL_CFGS[name],
-        pretrained_filter_fn=_filter_pretrained,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
-    )
+def _build(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """Build a registered model through timm (``features_only``, hub weights); weight files load through ours.
+
+    ``device`` and ``dtype`` are accepted as timm's own models accept them: the model is built on the
+    device (``"meta"`` allocates nothing) and cast to the dtype.
+    """
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _build_on_device(name, pretrained, **kwargs)
+    return model.to(dtype) if dtype is not None else model
+
+
+def _build_on_device(name: str, pretrained: bool, **kwargs: Any) -> torch.nn.Module:
+    model_cls = ARCHITECTURES[type(_MODEL_CFGS[name])][0]
+    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
+    if file is None:
+        return build_model_with_cfg(model_cls, name, pretrained, model_cfg=_MODEL_CFGS[name],
+                                    pretrained_filter_fn=_filter_pretrained,
+                                    feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs)
+    # a weights file (timm's pretrained_cfg_overlay=dict(file=...)): read safely, converted and checked by
+    # load_checkpoint, before any features_only wrapping
+    features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", (0, 1, 2, 3))
+    kwargs.pop("feature_cls", None)
+    model = build_model_with_cfg(model_cls, name, False, model_cfg=_MODEL_CFGS[name], **kwargs)
+    load_checkpoint(model, file)
+    return FeatureGetterNet(model, out_indices=out_indices) if features_only else model
 
 
 def register_model_cfg(
-    name: str, cfg: AnyCfg, family: str = "", top1: Optional[float] = None, **pretrained: Any
+    name: str, cfg: AnyCfg, family: str = "", top1: Optional[float] = None, scale: Optional[str] = None,
+    **pretrained: Any,
 ) -> None:
     """Register ``name`` in timm (and ``tokenmixers.create_model``) as a model built from ``cfg``.
 
     ``cfg`` is a :class:`ModelCfg` (unified backbone) or a published architecture's config
     (:class:`DWNetCfg`, :class:`STViTCfg`); ``top1`` is the ImageNet-1k accuracy reported for the
-    official weights; ``pretrained`` overrides timm's pretrained_cfg fields.
+    official weights; ``scale`` the budget it belongs to (micro, tiny, small, base); ``pretrained``
+    overrides timm's pretrained_cfg fields.
     """
     if type(cfg) not in ARCHITECTURES:
         raise TypeError(f"unknown config type {type(cfg).__name__}; accepted: {', '.join(t.__name__ for t in ARCHITECTURES)}")
     model_cls, first_conv = ARCHITECTURES[type(cfg)]
-    MODEL_CFGS[name] = cfg
-    MODEL_FAMILY[name] = family
+    _MODEL_CFGS[name] = cfg
+    _MODEL_FAMILY[name] = family
+    if scale is not None:
+        _MODEL_SCALE[name] = scale
     if top1 is not None:
         REPORTED_TOP1[name] = top1
         pretrained.setdefault("notes", (f"ImageNet-1k top-1 {top1}% reported for the official weights",))
@@ -125,7 +147,7 @@ def register_model_cfg(
 def _register(family: Family) -> Family:
     FAMILIES[family.name] = family
     for scale, name, cfg in zip(family.configs, family.model_names(), family.configs.values()):
-        register_model_cfg(name, cfg, family=family.name, top1=family.paper_top1.get(scale))
+        register_model_cfg(name, cfg, family=family.name, top1=family.paper_top1.get(scale), scale=scale)
     return family
 
 
@@ -147,7 +169,8 @@ def register_family(
 
 def register_variant(name: str, base: str, **overrides: Any) -> None:
     """Register ``name`` as a copy of model ``base`` with some config fields changed (ablations)."""
-    register_model_cfg(name, model_cfg(base).replace(**overrides), family=MODEL_FAMILY[base])
+    register_model_cfg(name, model_cfg(base).replace(**overrides), family=_MODEL_FAMILY[base],
+                       scale=_MODEL_SCALE.get(base))
 
 
 def reported_top1(name: str) -> Optional[float]:
@@ -157,26 +180,55 @@ def reported_top1(name: str) -> Optional[float]:
 
 def default_recipe(model: str) -> str:
     """The paper's recipe for a model: ``cnn`` for the convolution families (batch 4096), else ``transformer``."""
-    family = FAMILIES.get(MODEL_FAMILY.get(model, ""))
+    family = FAMILIES.get(_MODEL_FAMILY.get(model, ""))
     return family.recipe if family else "transformer"
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered unified model names matching a glob pattern, in zoo order."""
-    return [n for n in MODEL_CFGS if fnmatch.fnmatch(n, pattern)]
+    return [n for n in _MODEL_CFGS if fnmatch.fnmatch(n, pattern)]
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is one of tokenmixers' models (not just any timm model)."""
+    return name in _MODEL_CFGS
+
+
+def family_of(name: str) -> Optional[str]:
+    """The family (mixer line) a registered model belongs to, e.g. ``halo``; None for other models."""
+    return _MODEL_FAMILY.get(name)
+
+
+def scale_of(name: str) -> Optional[str]:
+    """The budget a model belongs to (micro, tiny, small, base), None when it has none."""
+    return _MODEL_SCALE.get(name)
+
+
+def paper_models(scale: str) -> list[str]:
+    """The paper's five models at a scale (Halo, PVT, Swin, ConvNeXt, DCNv3), in the paper's order."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
+    families = {f.name for f in PAPER_FAMILIES}
+    return [n for n in _MODEL_CFGS if _MODEL_FAMILY[n] in families and _MODEL_SCALE.get(n) == scale
+            and n in FAMILIES[_MODEL_FAMILY[n]].model_names()]
+
+
+def display_name(name: str) -> str:
+    """A model's name as plots and tables show it (the ``unified_`` prefix dropped)."""
+    return name.removeprefix("unified_") if name in _MODEL_CFGS else name
 
 
 def model_cfg(name: str) -> AnyCfg:
     """The architecture of a registered model."""
     try:
-        return MODEL_CFGS[name]
+        return _MODEL_CFGS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; try tokenmixers.list_models() (e.g. {list_models()[:3]})") from None
 
 
 def check_model_name(name: str) -> None:
     """``KeyError`` with close matches unless ``name`` is a tokenmixers or timm model."""
-    if name not in MODEL_CFGS and not timm.is_model(name):
+    if name not in _MODEL_CFGS and not timm.is_model(name):
         close = difflib.get_close_matches(name, list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `tokenmixers list`"
         raise KeyError(f"unknown model {name!r}{hint}")
@@ -186,6 +238,12 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn
     """Create a registered model (same as ``timm.create_model``); clear ``KeyError`` for unknown names."""
     check_model_name(name)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def load_checkpoint(model: torch.nn.Module, source: Union[str, Path, Checkpoint, Mapping[str, Any]],
+                    **kwargs: Any) -> LoadReport:
+    """:func:`tokenmixers.checkpoint.load_checkpoint` that names the model a mismatching checkpoint looks like."""
+    return checkpoint.load_checkpoint(model, source, guess=guess_architecture, **kwargs)
 
 
 # -- which model a checkpoint belongs to -------------------------------------------------------------
@@ -220,10 +278,11 @@ def guess_architecture(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
     ours = {(k, _squeeze(tuple(v.shape))) for k, v in state_dict.items() if not k.startswith("head.fc.")}
     our_patterns = {_pattern(k) for k, _ in ours}
     names = list_models()
-    first = {family: next(n for n in names if MODEL_FAMILY[n] == family) for family in dict.fromkeys(MODEL_FAMILY.values())}
+    first = {family: next(n for n in names if _MODEL_FAMILY[n] == family)
+             for family in dict.fromkeys(_MODEL_FAMILY.values())}
     family = max(first, key=lambda f: jaccard(our_patterns, {_pattern(k) for k, _ in _signature(first[f])}))
     best, best_score = None, 0.0
-    for name in (n for n in names if MODEL_FAMILY[n] == family):
+    for name in (n for n in names if _MODEL_FAMILY[n] == family):
         theirs = {(k, _squeeze(s)) for k, s in _signature(name) if not k.startswith("head.fc.")}
         score = jaccard(ours, theirs)
         if score > best_score:
@@ -231,14 +290,12 @@ def guess_architecture(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
     return best if best_score > 0.8 else None
 
 
-set_architecture_guesser(guess_architecture)
-
 for _family in configs.FAMILIES:
     _register(_family)
 for _name, (_family_name, _cfg) in configs.VARIANTS.items():
-    register_model_cfg(_name, _cfg, family=_family_name)
+    register_model_cfg(_name, _cfg, family=_family_name, scale=next((s for s in SCALES if f"_{s}" in _name), None))
 for _name, _published in configs.PUBLISHED.items():
     register_model_cfg(
         _name, _published.cfg, family=_published.family, top1=_published.top1, paper_name=_published.source,
-        origin_url=_published.url,
+        origin_url=_published.url, scale=next((s for s in SCALES if _name.endswith(f"_{s}")), None),
     )

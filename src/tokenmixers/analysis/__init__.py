@@ -1,17 +1,22 @@
 """What mixers learn: effective receptive fields and invariance to translation, rotation and scale.
 
-Both analyses are plain functions of a model and images; they work for any model exposing timm's
-``forward_intermediates`` (ERF) or a classifier ``forward`` (invariance) — tokenmixers' models and
-timm's alike. The CLI (``tokenmixers erf`` / ``tokenmixers invariance``) is a thin layer on top.
+The analyses are plain functions of a model and images; they work for any model exposing timm's
+``forward_intermediates`` (ERF), a classifier ``forward`` (invariance) or a detector (scale
+invariance, :mod:`.scale_invariance`) — tokenmixers' models and timm's alike. The CLI
+(``tokenmixers erf`` / ``invariance`` / ``detect invariance``) is a thin layer on top.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
+import torch
+from timm.layers import LayerScale
 from torch import nn
 
+from ..checkpoint import read_checkpoint
 from ..data import BUILTIN_DATA, IMAGE_EXTENSIONS, DataError, ImageDataset, Sample, build_dataset
+from ..zoo import create_model, load_checkpoint
 
 
 def load_images(source: str, split: str = "val", limit: Optional[int] = None) -> ImageDataset:
@@ -48,17 +53,12 @@ def load_model(
     untrained model barely contribute). Returns the model and a description of its weights
     (``"random weights"``, ``"random weights, layer scale 1"`` or the path).
     """
-    import torch
-    from timm.layers import LayerScale
-
-    from ..checkpoint import checkpoint_classes, load_checkpoint
-    from ..zoo import create_model
-
     torch.manual_seed(seed)
-    classes = checkpoint_classes(checkpoint) if checkpoint else None  # keep a trained classifier, as eval does
+    weights = read_checkpoint(checkpoint) if checkpoint else None
+    classes = weights.num_classes if weights is not None else None  # keep a trained classifier, as eval does
     model = create_model(name, **({"num_classes": classes} if classes else {}))
-    if checkpoint:
-        load_checkpoint(model, checkpoint)
+    if weights is not None:
+        load_checkpoint(model, weights)
         return model, str(checkpoint)
     if layer_scale is not None:
         with torch.no_grad():

@@ -18,13 +18,20 @@ fraction of the side) shows asymmetric fields such as the one of shifted windows
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch import nn
+
+from ..files import atomic_write, atomic_write_csv, atomic_write_text
+from ..zoo import display_name
+from . import load_images, load_model
+from .plots import plt
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 METHODS = ("abs", "replknet")
@@ -160,11 +167,6 @@ def image_batches(dataset: Any, transform: Callable, batch_size: int = 16) -> It
 
 def plot_erf(maps: dict[str, dict[int, np.ndarray]], path: Union[str, Path], title: str = "", method: str = "abs") -> Path:
     """Log-scaled heatmaps ``maps[model][stage]``: a grid with a row per model and a column per stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(maps)
     stages = sorted({s for per_stage in maps.values() for s in per_stage})
     fig, axes = plt.subplots(len(models), len(stages), figsize=(2.6 * len(stages) + 1.2, 2.7 * len(models)),
@@ -183,7 +185,7 @@ def plot_erf(maps: dict[str, dict[int, np.ndarray]], path: Union[str, Path], tit
             image = ax.imshow(np.log10(rel + 1e-4), cmap="RdYlGn", vmin=-4, vmax=0)
             ax.set_title(f"stage {stage + 1}: ERF@0.5 = {erf_at(erf, 0.5, method):.2f}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(model.removeprefix("unified_"), fontsize=9)
+                ax.set_ylabel(display_name(model), fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="log10 relative contribution")
     if title:
@@ -209,13 +211,6 @@ def run_erf(
     method: str = "abs",
 ) -> dict[str, dict[str, Any]]:
     """ERF maps and metrics of several models on the same images; write ``.npz``, JSON, CSV and PNGs."""
-    import json
-
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-
-    from ..files import atomic_write, atomic_write_csv, atomic_write_text
-    from . import load_images, load_model
-
     dataset = load_images(images, limit=limit)
     out = Path(out)
     results: dict[str, dict[str, Any]] = {}

@@ -20,6 +20,7 @@ equals the top-1 of their standard view.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -30,8 +31,13 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.transforms import InterpolationMode
+from tqdm import tqdm
 
-from ..distributed import all_reduce_sum
+from ..distributed import all_reduce_sum, init_distributed
+from ..files import atomic_write_csv, atomic_write_text
+from ..runs import show_progress
+from . import load_images, load_model
+from .plots import Panel, plot_panels
 
 KINDS = ("translation", "pre_rotation", "post_rotation", "scale")
 # the 8 directions (dy, dx); the official code lists them in this order but draws randint(7)
@@ -150,8 +156,6 @@ def invariance(
     Returns:
         One record per setting: ``strength``, ``top1``, ``top5``, ``consistency`` (percent), ``images``.
     """
-    from tqdm import tqdm
-
     settings = strengths(kind) if settings is None else list(settings)
     views = views or Views()
     indices = list(range(len(dataset))) if indices is None else list(indices)
@@ -159,7 +163,7 @@ def invariance(
     model = model.to(device).eval()
     # per setting: correct@1, correct@5, consistent, labelled, images
     counts = torch.zeros(len(settings), 5, dtype=torch.float64)
-    for start in tqdm(range(0, len(indices), batch_size), desc=kind, disable=not progress, leave=False):
+    for start in tqdm(range(0, len(indices), batch_size), desc=kind, disable=not (progress and show_progress()), leave=False):
         batch = [(i, dataset[i]) for i in indices[start : start + batch_size]]
         batch = [(i, item) for i, item in batch if item is not None]
         if not batch:
@@ -190,33 +194,13 @@ def invariance(
 
 def plot_invariance(results: dict[str, list[dict[str, Any]]], path: Union[str, Path]) -> Path:
     """Consistency and top-1 vs strength, one line per model, one column per kind (as Fig. 7)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     kinds = [k for k in KINDS if any(r["kind"] == k for rows in results.values() for r in rows)]
     has_acc = any(r["top1"] is not None for rows in results.values() for r in rows)
-    metrics = ["consistency"] + (["top1"] if has_acc else [])
-    fig, axes = plt.subplots(len(metrics), len(kinds), figsize=(4.2 * len(kinds), 3.4 * len(metrics)), squeeze=False)
     units = {"translation": "shift (px)", "pre_rotation": "angle (deg)", "post_rotation": "angle (deg)",
              "scale": "crop ratio"}
-    for col, kind in enumerate(kinds):
-        for row, metric in enumerate(metrics):
-            ax = axes[row][col]
-            for model, rows in results.items():
-                rows = [r for r in rows if r["kind"] == kind and r[metric] is not None]
-                ax.plot([r["strength"] for r in rows], [r[metric] for r in rows], marker=".",
-                        label=model.removeprefix("unified_"))
-            ax.set(xlabel=units[kind], ylabel=f"{metric} (%)", title=f"{kind.replace('_', ' ')}")
-            ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    grid = [[Panel("strength", metric, kind.replace("_", " "), units[kind], f"{metric} (%)", {"kind": kind})
+             for kind in kinds] for metric in ["consistency"] + (["top1"] if has_acc else [])]
+    return plot_panels(results, grid, path)
 
 
 def run_invariance(
@@ -234,12 +218,6 @@ def run_invariance(
     out: Union[str, Path] = "results/invariance",
 ) -> dict[str, list[dict[str, Any]]]:
     """Run the protocol for several models (torchrun shards the images); write JSON, CSV and plots."""
-    import json
-
-    from ..distributed import init_distributed
-    from ..files import atomic_write_csv, atomic_write_text
-    from . import load_images, load_model
-
     info = init_distributed(device)
     dataset = load_images(data, limit=limit)
     indices = list(range(info.rank, len(dataset), info.world_size))

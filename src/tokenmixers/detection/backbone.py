@@ -29,11 +29,10 @@ import torch
 from torch import nn
 
 from ..backbone import UnifiedNet
-from ..checkpoint import CheckpointError, LoadReport, group_keys, load_checkpoint, read_state_dict
-from ..configs import SCALES, ModelCfg
-from ..converters import to_tokenmixers
+from ..checkpoint import Checkpoint, LoadReport, group_keys, read_checkpoint
+from ..configs import ModelCfg
 from ..mixers import mixer_options
-from ..zoo import MODEL_CFGS, check_model_name
+from ..zoo import check_model_name, is_registered, load_checkpoint, model_cfg, scale_of
 
 VARIANTS = ("official", "masked")
 DROP_PATH = {"micro": 0.1, "tiny": 0.2, "small": 0.2, "base": 0.3}  # the official Mask R-CNN configs
@@ -55,8 +54,8 @@ def detection_cfg(cfg: ModelCfg, variant: str = "official") -> ModelCfg:
 
 
 def detection_drop_path(name: str) -> Optional[float]:
-    """The official Mask R-CNN drop-path rate of a model's scale (``None`` if the name has no scale)."""
-    scale = next((s for s in SCALES if f"_{s}" in name), None)
+    """The official Mask R-CNN drop-path rate of a model's scale (``None`` for a model without one)."""
+    scale = scale_of(name)
     return DROP_PATH.get(scale) if scale else None
 
 
@@ -96,11 +95,6 @@ class DetectionBackbone(UnifiedNet):
         """``(B, C, H, W)`` -> one ``(B, C_i, H / s_i, W / s_i)`` map per out index, each through its out norm."""
         maps = self.forward_intermediates(x, indices=list(self.out_indices), stop_early=True, intermediates_only=True)
         return [self.out_norms[str(i)](m.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for i, m in zip(self.out_indices, maps)]
-
-    @torch.jit.ignore
-    def load_pretrained(self, path: str) -> None:
-        """timm's ``pretrained_cfg_overlay=dict(file=...)`` path: ImageNet initialisation."""
-        load_imagenet(self, path)
 
 
 class TimmBackbone(nn.Module):
@@ -154,11 +148,11 @@ def create_backbone(
     """
     check_model_name(name)
     rate = drop_path_rate if drop_path_rate is not None else detection_drop_path(name)
-    if name not in MODEL_CFGS:
+    if not is_registered(name):
         if weights is not None:  # timm loads (and filters) its own weight files
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
         return TimmBackbone(name, **({"drop_path_rate": rate} if rate is not None else {}), **kwargs)
-    model = DetectionBackbone(MODEL_CFGS[name], variant=variant, **({"drop_path_rate": rate} if rate is not None else {}),
+    model = DetectionBackbone(model_cfg(name), variant=variant, **({"drop_path_rate": rate} if rate is not None else {}),
                               **kwargs)
     model.pretrained_cfg = {"architecture": name}
     if weights is not None:
@@ -166,23 +160,19 @@ def create_backbone(
     return model
 
 
-def load_imagenet(backbone: DetectionBackbone, path: Union[str, Path], *, entry: str = "auto") -> LoadReport:
+def load_imagenet(backbone: DetectionBackbone, path: Union[str, Path, Checkpoint], *, entry: str = "auto") -> LoadReport:
     """Load a classification checkpoint (official or ours) into a detection backbone, as the official code does.
 
     The classifier head and the stage norms are dropped, the out norms keep their fresh values (unless
     the checkpoint has them); everything else must fit exactly. All or nothing: on any mismatch a
     :class:`CheckpointError` names it (e.g. a checkpoint of another size) and the backbone is unchanged.
     """
-    raw, chosen = read_state_dict(path, entry)
-    converted, source = to_tokenmixers(raw)
+    read = path if isinstance(path, Checkpoint) else read_checkpoint(path, entry)
+    converted = read.weights(entry)
     dropped = [k for k in converted if _CLASSIFICATION_ONLY.match(k)]
     state = {k: v for k, v in converted.items() if k not in dropped}
     fresh = {k: v for k, v in backbone.state_dict().items() if k.startswith("out_norms.") and k not in state}
-    try:
-        report = load_checkpoint(backbone, {**state, **fresh})
-    except CheckpointError as err:
-        raise CheckpointError(str(err).replace("<state dict>", str(path), 1)) from None
-    report.path, report.source, report.entry = str(path), source, chosen
+    report = load_checkpoint(backbone, read.with_weights({**state, **fresh}))
     if dropped:
         report.adapted.append(f"classification-only entries dropped (head, stage norms): {group_keys(dropped)}")
     if fresh:

@@ -29,12 +29,14 @@ import json
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from ..coco import quiet_pycocotools
 from ..data import DataError, open_rgb
 
 PathLike = Union[str, Path]
@@ -60,8 +62,6 @@ def find_split(root: Path, split: str) -> tuple[Path, Path]:
 
 def load_coco(annotations: Path) -> Any:
     """A pycocotools ``COCO`` index of an annotation file (its index messages silenced)."""
-    from pycocotools.coco import COCO
-
     try:
         data = json.loads(annotations.read_text())
     except (OSError, ValueError) as err:
@@ -204,14 +204,6 @@ class CocoDetection(Dataset):
         """The readable items as lists (images differ in size); also how many were skipped."""
         good = [b for b in batch if b is not None]
         return [b[0] for b in good], [b[1] for b in good], len(batch) - len(good)
-
-
-@contextlib.contextmanager
-def quiet_pycocotools() -> Iterator[None]:
-    """Silence pycocotools' NumPy 2 deprecation warning (``__array__`` without ``copy``), harmless and repeated."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
-        yield
 
 
 def flip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -29,10 +29,12 @@ last; :mod:`tokenmixers.converters.mmdet` moves it).
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +48,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FeaturePyramidNetwork, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..checkpoint import Checkpoint, CheckpointError, LoadReport, checkpoint_from_mapping, read_checkpoint
+from ..files import atomic_write, atomic_write_text
+from ..zoo import load_checkpoint
 from .backbone import create_backbone
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -320,12 +325,6 @@ CLASS_LAYERS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_l
 
 def save_detector(detector: Detector, directory: Union[str, Path], categories: Optional[list[str]] = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (the ``create_detector`` arguments, category names)."""
-    import json
-
-    import safetensors.torch
-
-    from ..files import atomic_write, atomic_write_text
-
     directory = Path(directory)
     state = {k: v.contiguous() for k, v in detector.state_dict().items()}
     atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(safetensors.torch.save(state)))
@@ -334,89 +333,67 @@ def save_detector(detector: Detector, directory: Union[str, Path], categories: O
     return directory
 
 
-def stored_config(checkpoint: Union[str, Path]) -> dict[str, Any]:
-    """The detector config saved with a checkpoint: ``config.json`` of a folder, or a training checkpoint's ``detector``."""
-    import json
-
-    from ..checkpoint import safe_torch_load
-
-    path = Path(checkpoint)
-    if path.is_dir():
-        return json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).is_file() else {}
-    if path.suffix == ".safetensors" or not path.is_file():
-        return {}
-    state = safe_torch_load(path)
-    return dict(state.get("detector") or {}) if isinstance(state, dict) else {}
+def holds_detector(checkpoint: Checkpoint) -> bool:
+    """Whether a checkpoint holds a whole detector (ours or mmdetection's), not a classifier."""
+    return "roi_heads.box_predictor.cls_score.weight" in checkpoint.state_dict
 
 
-def load_detector_weights(detector: Detector, checkpoint: Union[str, Path, dict], *, reset_heads: bool = False,
-                          entry: str = "auto") -> Any:
+def load_detector_weights(detector: Detector, checkpoint: Union[str, Path, Checkpoint, Mapping[str, Any]], *,
+                          reset_heads: bool = False, entry: str = "auto") -> LoadReport:
     """Load a detection checkpoint (ours or mmdet's) into ``detector``, all or nothing; returns the report.
 
     A checkpoint with another number of classes is refused with a clear message, unless
     ``reset_heads`` asks to re-initialise the class-specific layers (box predictor, mask logits).
     """
-    from ..checkpoint import CheckpointError, load_checkpoint, read_state_dict
-    from ..converters import to_tokenmixers
-
-    if isinstance(checkpoint, dict):  # a state dict, or a checkpoint holding one
-        raw = next((checkpoint[k] for k in ("state_dict", "model") if isinstance(checkpoint.get(k), dict)), checkpoint)
+    if isinstance(checkpoint, Checkpoint):
+        read = checkpoint
+    elif isinstance(checkpoint, Mapping):
+        read = checkpoint_from_mapping(checkpoint, entry)
     else:
-        raw, _ = read_state_dict(checkpoint, entry)
-    state, source = to_tokenmixers(raw)
+        read = read_checkpoint(checkpoint, entry)
+    state = read.weights(entry)
     own = detector.state_dict()
-    theirs = state.get("roi_heads.box_predictor.cls_score.weight")
     notes = []
-    if theirs is not None and theirs.shape[0] != own["roi_heads.box_predictor.cls_score.weight"].shape[0]:
-        found, wanted = theirs.shape[0] - 1, detector.num_classes
+    if holds_detector(read) and read.num_classes != detector.num_classes:
         if not reset_heads:
             raise CheckpointError(
-                f"checkpoint {checkpoint if not isinstance(checkpoint, dict) else '<state dict>'} predicts {found} "
-                f"classes, the detector {wanted}; the detector was left unchanged. To fine-tune on {wanted} classes, "
-                "re-initialise the class-specific layers (box predictor, mask logits): reset_heads=True "
-                "(command line: --reset-heads)."
+                f"checkpoint {read.path} predicts {read.num_classes} classes, the detector {detector.num_classes}; "
+                f"the detector was left unchanged. To fine-tune on {detector.num_classes} classes, re-initialise the "
+                "class-specific layers (box predictor, mask logits): reset_heads=True (command line: --reset-heads)."
             )
         state = {k: (own[k] if k.startswith(CLASS_LAYERS) else v) for k, v in state.items()}
-        notes.append(f"class-specific layers re-initialised ({found} -> {wanted} classes)")
-    report = load_checkpoint(detector, state, entry=entry)
-    report.source = source
-    if not isinstance(checkpoint, dict):
-        report.path = str(checkpoint)
+        notes.append(f"class-specific layers re-initialised ({read.num_classes} -> {detector.num_classes} classes)")
+    report = load_checkpoint(detector, read.with_weights(state))
     report.adapted += notes
     return report
 
 
 def load_detector(
-    checkpoint: Union[str, Path], model: Optional[str] = None, num_classes: Optional[int] = None, *,
+    checkpoint: Union[str, Path, Checkpoint], model: Optional[str] = None, num_classes: Optional[int] = None, *,
     reset_heads: bool = False, entry: str = "auto", **kwargs: Any,
-) -> tuple[Detector, Any]:
+) -> tuple[Detector, LoadReport]:
     """A detector rebuilt from a checkpoint (our folder or training checkpoint, or mmdet's with ``model``).
 
     Returns the detector and the load report. ``num_classes`` defaults to the checkpoint's; another
     value needs ``reset_heads=True``. ``kwargs`` go to :func:`create_detector` (e.g. ``min_size``).
     """
-    from ..checkpoint import read_state_dict
-    from ..converters import to_tokenmixers
-
-    config = stored_config(checkpoint)
-    name = model or config.get("model")
+    read = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, entry)
+    config = read.model_config
+    name = model or config.get("model") or read.run.get("model")
     if name is None:
-        raise ValueError(f"{checkpoint} does not say which backbone it was trained with: pass the model name "
+        raise ValueError(f"{read.path} does not say which backbone it was trained with: pass the model name "
                          "(e.g. model='unified_halo_tiny', command line --model)")
-    raw = read_state_dict(checkpoint, entry)[0]
-    state, _ = to_tokenmixers(raw)
-    if "roi_heads.box_predictor.cls_score.weight" not in state:
-        raise ValueError(f"{checkpoint} holds no detector (no box predictor); for a classification checkpoint "
-                         "use backbone_weights= (command line --backbone-weights)")
-    found = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
+    if not holds_detector(read):
+        raise ValueError(f"{read.path} holds no detector (no box predictor): it is a classification checkpoint. "
+                         f"To train a detector from it: tokenmixers detect train --model {name} --data <coco folder> "
+                         f"backbone_weights={read.path}")
     options = {k: config[k] for k in ("variant", "max_size", "rois_per_image", "fpn_channels", "anchor_scale")
                if k in config}
     if "min_size" in config:
         options["min_size"] = tuple(config["min_size"])
     options.update(kwargs)
-    masks = any(k.startswith("roi_heads.mask_predictor.") for k in state)
-    detector = create_detector(name, num_classes or found, masks=masks, **options)
+    masks = any(k.startswith("roi_heads.mask_predictor.") for k in read.state_dict)
+    detector = create_detector(name, num_classes or read.num_classes, masks=masks, **options)
     detector.config["categories"] = config.get("categories")
-    report = load_detector_weights(detector, raw, reset_heads=reset_heads)
-    report.path = str(checkpoint)
+    report = load_detector_weights(detector, read, reset_heads=reset_heads, entry=entry)
     return detector, report
