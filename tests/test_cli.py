@@ -1,8 +1,13 @@
 """The command line, in process: every failure a user can reach is one clear paragraph with exit code 2."""
 from __future__ import annotations
 
+import os
+import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 import tokenmixers_cli
 from tokenmixers.data import DataError
 
-from .conftest import QUICK, cli
+from .conftest import QUICK, SHARED, cli
 
 TRAIN = ["train", "--recipe", "digits"] + [f"{k}={v}" for k, v in QUICK.items()]
 
@@ -156,3 +161,73 @@ def test_memory_reuse_limit_out_of_range(limit: int) -> None:
 
     with pytest.raises(ValueError, match="must be between 1 and 2147483647 bytes"):
         reuse_cpu_memory(limit)
+
+
+# -- hints are commands that work ------------------------------------------------------------------------
+
+
+def _hint(err: str) -> list[str]:
+    """The command a message tells the user to run (after 'resume with: ' or 'To train a detector from it: ')."""
+    line = next(line for line in err.splitlines() if "tokenmixers " in line)
+    return shlex.split(line.split("tokenmixers ", 2)[-1])
+
+
+def test_an_interrupted_comparison_continues_with_the_command_it_names(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cmp"
+    argv = ["compare", "unified_convnext_micro", "--recipe", "digits", "--output", str(out), "--bench-size", "32",
+            "--bench-batch", "2", "--set", "epochs=2", "max_steps_per_epoch=3", "batch_size=16", "workers=0", "log_every=1"]
+    log = out / "unified_convnext_micro" / "seed0" / "log.txt"
+
+    def stop() -> None:
+        deadline = time.time() + 120
+        while not (log.is_file() and "step 2:" in log.read_text()):
+            if time.time() > deadline:
+                return  # never signal a process that is no longer training: it would not save, just die
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=stop, daemon=True)
+    watcher.start()
+    code, _, err = cli(capsys, *argv)
+    watcher.join()
+    assert code == 128 + signal.SIGTERM, err
+    hint = _hint(err)
+    assert hint == argv and "--resume" not in err  # a plain re-run continues: compare has no --resume
+    code, stdout, err = cli(capsys, *hint)
+    assert code == 0, err
+    assert "resumed from" in log.read_text() and "report:" in stdout
+
+
+def test_a_classification_checkpoint_given_to_detect_eval_names_the_working_command(
+        trained: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    nuclei = SHARED / "data" / "coco-nuclei"
+    code, _, err = cli(capsys, "detect", "eval", "--checkpoint", str(trained[0] / "last.pth"), "--data", str(nuclei))
+    _one_paragraph(code, err, "is a classification checkpoint", "tokenmixers detect train --model "
+                   "unified_convnext_micro --data <coco-folder> backbone_weights=")
+    hint = [str(nuclei) if part == "<coco-folder>" else part for part in _hint(err)]
+    # the suggested command, made quick: the smoke recipe, one step, a small detector
+    quick = ["--recipe", "smoke", "epochs=1", "max_steps_per_epoch=1", "min_size=[128]", "max_size=128",
+             "test_size=128", "fpn_channels=16", "rois_per_image=16", "workers=0", "val_split=train", "eval_images=1",
+             f"output={tmp_path / 'det'}"]
+    code, _, err = cli(capsys, *hint, *quick)
+    assert code == 0, err
+    assert "loaded" in (tmp_path / "det" / "log.txt").read_text() or (tmp_path / "det" / "summary.json").is_file()
+
+
+def test_list_mixers_needs_no_torch_and_matches_the_registry() -> None:
+    # the built-in names are data the command line reads without importing torch (5 s before)
+    script = ("import sys, tokenmixers_cli; tokenmixers_cli.main(['list', '--mixers']); "
+              "assert 'torch' not in sys.modules, 'torch was imported'")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    from tokenmixers import list_mixers
+
+    assert run.stdout.split() == list_mixers()
+
+
+def test_detect_help_says_where_the_test_scale_comes_from(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        tokenmixers_cli.main(["detect", "eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the checkpoint's run's, else 800" in text and "default 800" not in text

@@ -173,6 +173,22 @@ def test_bad_coco_data_fails_before_training(tmp_path: Path) -> None:
     _edit(ann, lambda d: d["annotations"][0].update(bbox=[10, 10, -4, 5]))
     with pytest.raises(DataError, match="negative size"):
         CocoDetection(root, "train")
+    # a polygon of two points: pycocotools takes 4 numbers for a box and failed later, inside a loader worker
+    nuclei = _copy(NUCLEI, tmp_path)
+    _edit(nuclei / "instances_train.json", lambda d: d["annotations"][5].update(segmentation=[[10, 10, 20, 20]]))
+    with pytest.raises(DataError, match=r"annotation \d+ has a polygon that is not a list of at least 3 x, y points"):
+        CocoDetection(nuclei, "train")
+
+
+def test_a_crowd_only_validation_set_says_there_is_no_ap(micro_detector: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    root = _copy(NUCLEI, tmp_path)
+    _edit(root / "instances_val.json", lambda d: [a.update(iscrowd=1) for a in d["annotations"]])
+    code, out, err = cli(capsys, "detect", "eval", "--checkpoint", str(micro_detector), "--data", str(root),
+                         "--workers", "0")
+    assert code == 0, err
+    assert "no AP: " in out and "have no objects AP can count (every annotation is a crowd region" in out
+    assert "bbox AP" not in out
 
 
 def test_degenerate_crowd_and_empty_are_dropped_as_mmdet(tmp_path: Path) -> None:

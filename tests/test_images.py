@@ -117,3 +117,15 @@ def test_every_input_gets_its_own_output_file(tmp_path: Path) -> None:
     assert predict.output_paths(["a/x.png", "b/x.png"], out)[0].parent == out
     assert predict.output_paths(["x.png"], tmp_path / "drawn.png") == [tmp_path / "drawn.png"]
     assert predict.output_paths(["x.png"], out) == [out / "x_detections.png"]
+
+
+def test_an_image_too_large_to_read_safely_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PIL's decompression-bomb guard raised a bare error in a loader worker (not a skippable one), naming no file
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is more than twice the limit: refused by PIL
+    with pytest.raises(data.DataError, match=rf"{path} is too large to read safely .*MAX_IMAGE_PIXELS"):
+        data.open_rgb(path)
+    dataset = data.ImageDataset([data.Sample(path, 0)], ["x"])
+    with pytest.warns(UserWarning, match="skipping unreadable image .*huge.png: .* too large to read safely"):
+        assert dataset[0] is None

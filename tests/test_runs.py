@@ -138,3 +138,48 @@ def test_stop_request_turns_signals_into_a_flag() -> None:
     err = Interrupted(signal.SIGTERM, Path("out/last.pth"), 1, 12)
     assert str(err) == "stopped by SIGTERM at epoch 1, step 12; the run is saved in out/last.pth"
     assert err.exit_code == 143
+
+
+def test_an_unwritable_output_folder_is_one_clear_error() -> None:
+    # /sys refuses new files even to root; the lock file used to fail with a raw "[Errno 13] ... .lock.NNNN"
+    with pytest.raises(RunError, match=r"cannot write to the output folder /sys \(Permission denied\); choose a "
+                                       r"folder you can write to"):
+        claim_run("/sys")
+
+
+_WORKER_ERROR = """
+import sys
+import torch
+from tokenmixers.runs import loader
+
+class Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        if i == 3:
+            raise ValueError("bad sample 3")
+        return torch.zeros(1)
+
+try:
+    for _ in loader(Broken(), 1, None, 2):
+        pass
+except ValueError as err:  # as the command line does: report, then exit inside the except block
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_an_error_in_a_loader_worker_ends_the_process_promptly() -> None:
+    # workers ignore SIGTERM (the main process saves on it); at exit multiprocessing SIGTERMs them and joined them
+    # forever, because after a worker's error the loader is still referenced by the error's traceback
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER_ERROR], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group: nothing is left behind if it hangs
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("the process hung at exit waiting for its loader workers") from None
+    assert proc.returncode == 2 and "bad sample 3" in err, err
+    assert "Exception ignored" not in err, err  # e.g. torch's SIGCHLD handler reporting the killed workers
+    assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""  # no worker left

@@ -178,6 +178,7 @@ def _digit_folder(root: Path, classes: int = 3, per_class: int = 6) -> Path:
         ("labels", r"label\(s\) outside \[0, 3\)"),
         ("small", "fewer than one global batch of 32"),
         ("layout", "has neither .*meta/train.txt .*nor a .*train folder"),
+        ("empty_list", r"meta/train.txt lists no images; it needs one line per image"),
     ],
 )
 def test_bad_data_fails_before_training(tmp_path: Path, setup: str, message: str) -> None:
@@ -201,6 +202,10 @@ def test_bad_data_fails_before_training(tmp_path: Path, setup: str, message: str
         overrides["batch_size"] = 32
     elif setup == "layout":
         (root / "train").rename(root / "training")
+    elif setup == "empty_list":
+        (root / "meta").mkdir()
+        (root / "meta" / "train.txt").write_text("\n")
+        (root / "meta" / "val.txt").write_text("class_0/0.png 0\n")
     with pytest.raises(DataError, match=message):
         train("digits", overrides)
     assert not (tmp_path / "out").exists()  # rejected before the run folder is created
@@ -215,6 +220,8 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     # raised in a loader worker; one line, without a source line of torch or of the library
     assert re.search(r"tokenmixers: warning: skipping unreadable image .*broken.png: [^\n]*\n", run.stderr)
+    # redirected to a file, the log is lines, one per logged step, not progress-bar frames
+    assert "\r" not in run.stdout + run.stderr and "epoch 0, batch 1/" in run.stdout
     assert "fetch.py" not in run.stderr and "warnings.warn" not in run.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["skipped_images"] == 1

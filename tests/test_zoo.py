@@ -120,3 +120,13 @@ def test_readme_table_matches_counted_params_and_macs() -> None:
         counted = [f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}", f"{macs['macs'] / 1e9:.2f}",
                    f"{macs['macs_paper'] / 1e9:.2f}"]
         assert counted == cells[1:4], name
+
+
+def test_device_and_dtype_as_timm_accepts_them() -> None:
+    from tokenmixers import create_model
+
+    meta = create_model("unified_halo_micro", device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    half = create_model("unified_swin_micro", dtype=torch.bfloat16, num_classes=3)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and half.num_classes == 3
+    assert half(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)).shape == (1, 3)

@@ -48,7 +48,11 @@ class DataError(ValueError):
 def open_rgb(source: Union[str, Path, Image.Image]) -> Image.Image:
     """An image file or PIL image as 8-bit RGB; 16-bit images scaled, not clipped; a :class:`DataError` otherwise."""
     with contextlib.ExitStack() as opened:  # closes the file if we open one, not an image passed in
-        image = source if isinstance(source, Image.Image) else opened.enter_context(Image.open(source))
+        try:
+            image = source if isinstance(source, Image.Image) else opened.enter_context(Image.open(source))
+        except Image.DecompressionBombError as err:
+            raise DataError(f"{source} is too large to read safely ({err}); downscale it, or raise "
+                            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
         name = getattr(image, "filename", "") or "the image"
         if image.mode == "F":  # PIL would clip to 0..255; the range of float data is unknown
             raise DataError(f"{name} is a 32-bit floating-point image, which cannot be read as 8-bit RGB "
@@ -122,7 +126,7 @@ class ImageDataset(Dataset):
 
 def digits_samples(split: str, image_size: int = 32) -> tuple[list[Sample], list[str]]:
     """scikit-learn's digits as RGB images; every fifth image of each class is validation."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # deferred: scikit-learn takes a second to import, only digits needs it
 
     digits = load_digits()
     samples = []
@@ -173,6 +177,9 @@ def list_file_samples(root: Path, split: str) -> tuple[list[Sample], list[str]]:
         samples.append(Sample(path, int(parts[1])))
     if missing:
         raise DataError(f"{list_file} names {len(missing)} image(s) that do not exist, e.g. {missing[:3]}")
+    if not samples:
+        raise DataError(f"{list_file} lists no images; it needs one line per image: 'relative/path label' (the path "
+                        f"under {root / split})")
     num = max((s.label for s in samples), default=-1) + 1
     return samples, [str(i) for i in range(num)]
 

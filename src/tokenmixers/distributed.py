@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import init_distributed_device
 from torch import nn
+from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
 T = TypeVar("T")
 
@@ -150,14 +151,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         """Normalise ``(B, C, ...)`` with global-batch statistics in training."""
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         C = x.shape[1]
         xf = x.float()
         dims = [0] + list(range(2, x.dim()))
         shape = [1, C] + [1] * (x.dim() - 2)
         count = torch.full((1,), xf.numel() / C, dtype=torch.float32, device=x.device)
-        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        stats = differentiable_all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
         n = stats[-1]
         mean = stats[:C] / n
         var = (stats[C : 2 * C] / n - mean * mean).clamp_min(0)

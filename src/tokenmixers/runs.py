@@ -24,7 +24,10 @@ command line prints the message alone, without a traceback.
 """
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit hook before ours, so ours runs first
 import os
 import random
 import shutil
@@ -371,6 +374,26 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     """
     for s in StopRequest.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_loader_workers() -> None:
+    """At exit, kill the loader workers still alive: they ignore the SIGTERM that would end them.
+
+    multiprocessing's exit hook (run after this one) ends daemonic children with SIGTERM, then joins
+    them without a timeout. A loader's iterator normally stops its workers first, but after an error
+    raised in a worker the iterator is still referenced by the error's traceback at exit, and that
+    join would wait forever.
+    """
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if not workers:
+        return
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for the killed workers
+    for p in workers:
+        p.kill()
+    for p in workers:
+        p.join(timeout=5)
 
 
 # -- settings -------------------------------------------------------------------------------------------

@@ -141,6 +141,12 @@ class CocoDetection(Dataset):
             if box[2] < 0 or box[3] < 0:
                 raise DataError(f"{where}: annotation {ann.get('id')} has a box of negative size {box} "
                                 "([x, y, width, height] expected)")
+            polygons = ann.get("segmentation")
+            if isinstance(polygons, list):  # polygons; a dict is RLE, checked by pycocotools
+                bad = [p for p in polygons if not (isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0)]
+                if bad:
+                    raise DataError(f"{where}: annotation {ann.get('id')} has a polygon that is not a list of at "
+                                    f"least 3 x, y points: {str(bad[0])[:80]}; fix or remove it")
 
     def _target(self, image_id: int) -> dict[str, Any]:
         """Boxes, labels and annotations kept for training targets (mmdet's rules)."""

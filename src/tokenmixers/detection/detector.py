@@ -385,7 +385,7 @@ def load_detector(
                          "(e.g. model='unified_halo_tiny', command line --model)")
     if not holds_detector(read):
         raise ValueError(f"{read.path} holds no detector (no box predictor): it is a classification checkpoint. "
-                         f"To train a detector from it: tokenmixers detect train --model {name} --data <coco folder> "
+                         f"To train a detector from it: tokenmixers detect train --model {name} --data <coco-folder> "
                          f"backbone_weights={read.path}")
     options = {k: config[k] for k in ("variant", "max_size", "rois_per_image", "fpn_channels", "anchor_scale")
                if k in config}

@@ -8,6 +8,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageDraw, ImageFont
+from torchvision.utils import draw_segmentation_masks
+
+from ..data import DataError, open_rgb
+from ..files import atomic_write
 
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#469990",
            "#9a6324", "#800000", "#808000", "#000075")
@@ -15,8 +19,6 @@ PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
 
 def read_image(path: Union[str, Path]) -> torch.Tensor:
     """An image file as a ``(3, H, W)`` float tensor in [0, 1]; a clear error for a file that is not an image."""
-    from ..data import DataError, open_rgb
-
     try:
         array = np.asarray(open_rgb(path))
     except DataError:
@@ -113,8 +115,6 @@ def draw_detections(image: torch.Tensor, output: dict[str, torch.Tensor], catego
     Masks, boxes, a label per box (class and score; left out where it would overlap a higher-scoring
     box's label) and a legend of the classes with their counts in the corner covering the fewest boxes.
     """
-    from torchvision.utils import draw_segmentation_masks
-
     keep = (output["scores"] >= score_threshold).nonzero()[:, 0]
     keep = keep[output["scores"][keep].argsort(descending=True)]  # best first: their labels win a place
     labels = output["labels"][keep].tolist()
@@ -179,8 +179,6 @@ def output_paths(images: Sequence[Union[str, Path]], out: Path) -> list[Path]:
 def predict_image(detector: torch.nn.Module, image_path: Union[str, Path], out: Union[str, Path], *,
                   score_threshold: float = 0.5, device: str = "auto") -> dict[str, torch.Tensor]:
     """Run a detector on one image file and write the drawing as a PNG; returns the detections."""
-    from ..files import atomic_write
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     image = read_image(image_path)

@@ -1,0 +1,187 @@
+"""The run engine with a task written in one short file (tests/regression_task.py), and the layering of the package."""
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmixers import runs
+from tokenmixers.recipe import RecipeError
+
+from .conftest import ROOT, free_port
+from .regression_task import Regression
+
+# every engine feature at once: accumulation, clipping, warm-up + cosine, EMA, mid-epoch checkpoints, snapshots,
+# deterministic per-step RNG (dropout), best metric to minimise; 72 training samples = 4 steps of 2 x 8 per epoch
+SETTINGS = {"epochs": 3, "batch_size": 8, "accum_steps": 2, "lr": 5e-2, "lr_batch": 16, "warmup_epochs": 1,
+            "min_lr": 1e-4, "clip_grad": 1.0, "ema": True, "ema_decay": 0.9, "ckpt_every_steps": 2,
+            "keep_checkpoints": 2, "workers": 0, "log_every": 1, "deterministic": True, "threads": 1}
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=True)
+    return {f"{part}.{k}": v for part in ("model", "model_ema") for k, v in state[part].items()}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """An uninterrupted run that interrupted and resumed ones must reproduce exactly."""
+    out = tmp_path_factory.mktemp("straight")
+    return out, runs.train(Regression, None, {**SETTINGS, "output": str(out)})
+
+
+def test_a_task_in_one_file_gets_the_whole_engine(straight: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:
+    out, summary = straight
+    history = summary["history"]
+    assert summary["task"] == "regression" and summary["steps"] == 12 and summary["global_batch"] == 16
+    assert [row["step"] for row in history] == [4, 8, 12]
+    assert history[-1]["mse"] < 0.5 * history[0]["mse"]  # it learns
+    assert history[-1]["lr"] == pytest.approx(1e-4, rel=0.2)  # warm-up, then cosine down to min_lr
+    best = min(range(3), key=lambda i: history[i]["mse"])
+    assert summary["best"] == {"metric": "mse", "value": history[best]["mse"], "epoch": best}
+    assert torch.load(out / "best.pth", weights_only=True)["epoch"] == best + 1
+    assert sorted(p.name for p in out.glob("epoch_*.pth")) == ["epoch_0002.pth", "epoch_0003.pth"]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["mse"]) for r in rows] == [r["mse"] for r in history] and "ema_mse" in rows[0]
+    config = (out / "config.yaml").read_text()
+    assert "task: regression" in config and "features: 8" in config and "global_batch: 16" in config
+    log = (out / "log.txt").read_text()
+    assert "regression: model" in log and "epoch 2, batch 8/8, step 12: loss" in log
+    # off a terminal (pytest captures), one line per logged step and no progress-bar frames
+    printed = capsys.readouterr()
+    assert "\r" not in printed.out + printed.err
+
+
+def test_the_tasks_own_settings_are_checked() -> None:
+    assert Regression.load_settings(None, ["features=3", "epochs=2"]).features == 3
+    with pytest.raises(RecipeError, match="unknown setting 'featurs'; did you mean 'features'?"):
+        Regression.load_settings(None, ["featurs=3"])
+    with pytest.raises(RecipeError, match="setting 'noise' expects float, got 'loud'"):
+        Regression.load_settings(None, {"noise": "loud"})
+
+
+def _stop_at(log: Path, line: str) -> threading.Thread:
+    """SIGTERM to this process (a scheduler stopping the job) once ``line`` is in the run's log."""
+    def watch() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.is_file() and line in log.read_text()):
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_interrupt_resume_and_a_damaged_last_checkpoint(straight: tuple[Path, dict], tmp_path: Path) -> None:
+    reference, summary = straight
+    out = tmp_path / "run"
+    watcher = _stop_at(out / "log.txt", "step 5:")
+    with pytest.raises(runs.Interrupted) as stopped:
+        runs.train(Regression, None, {**SETTINGS, "output": str(out)})
+    watcher.join()
+    assert stopped.value.epoch == 1 and stopped.value.step in (5, 6)  # mid-epoch: the signal lands in step 5 or 6
+    resumed = runs.train(Regression, None, {**SETTINGS, "output": str(out), "resume": "auto"})
+    assert "resumed from" in (out / "log.txt").read_text()
+    assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in summary["history"]]
+    assert [r["mse"] for r in resumed["history"]] == [r["mse"] for r in summary["history"]]
+    a, b = _weights(reference / "last.pth"), _weights(out / "last.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # last.pth truncated in place: its snapshots are intact, and --resume auto continues from the newest of them
+    shutil_run = tmp_path / "damaged"
+    watcher = _stop_at(shutil_run / "log.txt", "step 10:")
+    with pytest.raises(runs.Interrupted):
+        runs.train(Regression, None, {**SETTINGS, "output": str(shutil_run)})
+    watcher.join()
+    with open(shutil_run / "last.pth", "r+b") as f:
+        f.truncate(1000)
+    resumed = runs.train(Regression, None, {**SETTINGS, "output": str(shutil_run), "resume": "auto"})
+    log = (shutil_run / "log.txt").read_text()
+    assert f"resume: skipped {shutil_run / 'last.pth'}: " in log and "resumed from" in log
+    assert [r["mse"] for r in resumed["history"]] == [r["mse"] for r in summary["history"]]
+    b = _weights(shutil_run / "last.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_task_trains_under_torchrun(tmp_path: Path) -> None:
+    # without dropout, 2 processes x 4 samples compute the steps of 1 process x 8 (the same samples per step)
+    common = [f"{k}={v}" for k, v in {**SETTINGS, "dropout": 0.0, "epochs": 1, "ema": False}.items()]
+    one = runs.train(Regression, None, common + ["batch_size=8", f"output={tmp_path / 'one'}"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          free_port(), str(ROOT / "tests" / "regression_task.py"), *common, "batch_size=4",
+                          f"output={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == one["global_batch"] == 16
+    a = torch.load(tmp_path / "one" / "last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "last.pth", weights_only=True)["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # the validation set (24 samples) is counted once over both processes
+    assert summary["history"][0]["mse"] == pytest.approx(one["history"][0]["mse"], rel=1e-5)
+
+
+# -- which way imports point ---------------------------------------------------------------------------------
+
+# the house (docs/architecture.md): a module imports only from its own level or below; tasks not from each other
+LEVELS = [
+    {"layers", "data", "distributed", "files", "recipe", "precision", "allocator", "stats", "augment", "coco",
+     "configs", "converters"},
+    {"mixers"},
+    {"backbone"},
+    {"models"},
+    {"checkpoint"},
+    {"zoo", "hub"},
+    {"bench"},
+    {"runs"},
+    {"analysis"},
+    {"classification", "detection"},
+    {"compare"},
+]
+TASKS = {"classification", "detection"}
+
+
+def _imported(path: Path, package: Path) -> set[str]:
+    """The tokenmixers modules (top-level names inside the package) a source file imports."""
+    module = path.relative_to(package).with_suffix("").parts
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(module[: len(module) - node.level]) if path.name != "__init__.py" else \
+                list(module[: len(module) - node.level + 1])
+            target = base + (node.module.split(".") if node.module else [])
+            if target:
+                found.add(target[0])
+            else:  # "from . import x": x is a module of the package
+                found |= {alias.name for alias in node.names if (package / f"{alias.name}.py").exists()
+                          or (package / alias.name).is_dir()}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tokenmixers."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_imports_point_downward() -> None:
+    package = ROOT / "src" / "tokenmixers"
+    level = {name: i for i, names in enumerate(LEVELS) for name in names}
+    wrong = []
+    for path in sorted(package.rglob("*.py")):
+        if path == package / "__init__.py" or path == package / "__main__.py":
+            continue
+        own = path.relative_to(package).parts[0].removesuffix(".py")
+        assert own in level, f"{own} has no place in the house; add it to LEVELS"
+        for target in _imported(path, package) - {own}:
+            if level[target] > level[own] or (target in TASKS and own in TASKS):
+                wrong.append(f"{path.relative_to(package)} imports {target}")
+    assert not wrong, wrong
