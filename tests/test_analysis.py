@@ -81,6 +81,25 @@ def test_erf_support_of_stacked_convs(depth: int, side: int) -> None:
     assert (erf[rows, cols] > 0).all()
 
 
+def test_erf_of_all_ones_convs_is_known_exactly() -> None:
+    # two 3x3 all-ones convolutions (3 -> 4 -> 4 channels, no bias) are linear: d(centre sum)/dx is, for every
+    # image and colour, 4 x 4 paths times the full convolution of two 3x3 boxes, the 5x5 tent (1 2 3 2 1)^T (1 2 3 2 1)
+    model = ConvStack(2)
+    with torch.no_grad():
+        for conv in model.convs:
+            conv.weight.fill_(1.0)
+            conv.bias.zero_()
+    erf = erf_maps(model, [torch.randn(2, 3, 31, 31), torch.randn(1, 3, 31, 31)], reduce="sum")[1]
+    tent = np.array([1.0, 2, 3, 2, 1])
+    expected = np.zeros((31, 31))
+    expected[13:18, 13:18] = 3 * 16 * np.outer(tent, tent)  # summed over the 3 colours
+    np.testing.assert_allclose(erf, expected, rtol=1e-6, atol=0)
+    # mass within Chebyshev radius 0, 1, 2 of the centre: 9 / 81, 49 / 81, 81 / 81 -> sides 1, 3, 5 of 31
+    for t, side in ((0.05, 1), (1 / 9, 1), (0.12, 3), (0.5, 3), (49 / 81, 3), (0.61, 5), (0.99, 5), (1.0, 5)):
+        assert erf_at(erf, t) == side / 31, t
+    assert erf_metrics(erf)["erf@0.5"] == 3 / 31 and erf_metrics(erf)["com_offset"] == pytest.approx(0, abs=1e-12)
+
+
 def test_global_attention_reaches_every_pixel() -> None:
     erf = erf_maps(GlobalAttention(), [torch.randn(2, 3, 17, 23)], reduce="sum")[0]
     assert (erf > 0).all()
@@ -113,7 +132,16 @@ def test_erf_of_unified_model_and_outputs(tmp_path: Path) -> None:
     maps = np.load(tmp_path / "erf_maps.npz")
     assert maps["unified_swin_micro/stage4"].shape == (64, 64)
     metrics = json.loads((tmp_path / "erf_metrics.json").read_text())
-    assert metrics["unified_convnext_micro"]["stages"]["0"]["erf@0.5"] > 0
+    for name in ("unified_swin_micro", "unified_convnext_micro"):
+        saved = [metrics[name]["stages"][str(s)] for s in range(4)]
+        for s, stage in enumerate(saved):  # the written metrics are those of the written maps
+            assert stage == pytest.approx(erf_metrics(maps[f"{name}/stage{s + 1}"])), (name, s)
+            erfs = [stage[f"erf@{t:g}"] for t in (0.2, 0.3, 0.5, 0.99)]
+            assert erfs == sorted(erfs), (name, s)  # ERF@t grows with t
+        # with layer scale 1 every block adds to the field: each stage sees more than the one before
+        # (measured ERF@0.5: swin 0.08/0.17/0.33/0.61, convnext 0.08/0.17/0.33/0.58)
+        by_stage = [stage["erf@0.5"] for stage in saved]
+        assert all(a < b for a, b in zip(by_stage, by_stage[1:])), (name, by_stage)
     for png in ("erf_unified_swin_micro.png", "erf_unified_convnext_micro.png", "erf_stage1.png", "erf_stage4.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
