@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -17,6 +19,23 @@ from tokenmixers.stats import accuracy, mcnemar_exact, paired_difference, wilson
 from tokenmixers_cli import main
 
 # -- statistics ---------------------------------------------------------------------------------------
+
+Z = NormalDist().inv_cdf(0.975)  # 1.959964, from the standard library (the code under test uses scipy)
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    """The Wilson score interval in closed form: (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)."""
+    p = k / n
+    centre, half = p + Z**2 / (2 * n), Z * math.sqrt(p * (1 - p) / n + Z**2 / (4 * n**2))
+    return (centre - half) / (1 + Z**2 / n), (centre + half) / (1 + Z**2 / n)
+
+
+def _mcnemar(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value by counting: 2 P(X <= min) for X ~ binomial(only_a + only_b, 1/2)."""
+    n = only_a + only_b
+    tail = Fraction(sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)), 2**n)
+    return float(min(2 * tail, 1))
+
 
 
 @pytest.mark.parametrize("k, n, low, high", [
@@ -48,11 +67,14 @@ def test_one_run_uses_wilson_and_mcnemar() -> None:
     b[90:92] = True  # ... and gets 2 right that A misses
     acc = accuracy(a)
     assert (acc.mean, acc.std, acc.runs) == (80.0, 0.0, [80.0])
-    assert (acc.low, acc.high) == pytest.approx([100 * x for x in wilson_interval(80, 100)])
+    # Wilson 95 % interval of 80 / 100 (closed form, z = 1.959964): 71.117 % to 86.663 %
+    assert (acc.low, acc.high) == pytest.approx((71.11708, 86.66331), abs=1e-4)
+    assert (acc.low, acc.high) == pytest.approx(tuple(100 * x for x in _wilson(80, 100)), abs=1e-9)
     diff = paired_difference(a, b)
     assert (diff.only_a, diff.only_b, diff.test) == (10, 2, "exact McNemar")
     assert diff.delta == pytest.approx(8.0)
-    assert diff.p_value == pytest.approx(mcnemar_exact(10, 2))
+    # two-sided binomial(12, 1/2) test of 10 vs 2: 2 * (C(12,0) + C(12,1) + C(12,2)) / 2**12 = 158 / 4096
+    assert diff.p_value == pytest.approx(158 / 4096, rel=1e-12)
     # paired interval: per-image differences are +1 (10 images), -1 (2), 0 (88); sample variance / n
     half = 1.959964 * math.sqrt((12 - 100 * 0.08**2) / 99 / 100)
     assert (diff.low, diff.high) == pytest.approx((100 * (0.08 - half), 100 * (0.08 + half)), abs=1e-4)
@@ -118,20 +140,39 @@ def test_compare_reports_intervals_and_noise(tmp_path: Path, capsys: pytest.Capt
     assert "Within noise of the best" in report and "Best vs worst" in report
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == set(models)
-    for r in rows.values():
-        assert r["top1_low"] <= r["top1"] <= r["top1_high"] and r["top1_high"] - r["top1_low"] > 1
+    assert json.loads((tmp_path / "results.json").read_text()) == result["rows"]
+    # the numbers, recomputed independently from each model's saved predictions on the 364 validation images
+    correct = {}
+    for name, r in rows.items():
+        predictions = np.load(tmp_path / name / "seed0" / "predictions.npz")
+        top5, labels = predictions["top5"], predictions["labels"]
+        assert top5.shape == (364, 5) and len(labels) == 364
+        correct[name] = top5[:, 0] == labels
+        k, k5 = int(correct[name].sum()), int((top5 == labels[:, None]).any(1).sum())
+        low, high = _wilson(k, 364)
+        assert (r["top1"], r["top1_low"], r["top1_high"]) == pytest.approx((100 * k / 364, 100 * low, 100 * high), abs=1e-9)
+        assert (r["top5"], r["top5_low"], r["top5_high"]) == pytest.approx(
+            (100 * k5 / 364, *(100 * x for x in _wilson(k5, 364))), abs=1e-9)
+        assert f"| {r['top1']:.2f} | {100 * low:.2f} to {100 * high:.2f} |" in report
         assert r["top1"] == pytest.approx(r["runs"][0]["ema_top1"])  # the EMA weights, as training measured them
     (pair,) = result["pairs"]
-    assert pair["delta"] == pytest.approx(rows[pair["a"]]["top1"] - rows[pair["b"]]["top1"])
-    assert 0 < pair["p_value"] <= 1 and pair["delta_low"] < pair["delta"] < pair["delta_high"]
+    assert json.loads((tmp_path / "pairs.json").read_text()) == result["pairs"]
+    only_a = int((correct[pair["a"]] & ~correct[pair["b"]]).sum())
+    only_b = int((~correct[pair["a"]] & correct[pair["b"]]).sum())
+    assert (pair["only_a"], pair["only_b"], pair["test"]) == (only_a, only_b, "exact McNemar")
+    assert pair["p_value"] == pytest.approx(_mcnemar(only_a, only_b), rel=1e-9)
+    # paired (Wald) interval: per-image differences +1 (only_a images), -1 (only_b), 0 (the rest)
+    delta = (only_a - only_b) / 364
+    half = Z * math.sqrt((only_a + only_b - 364 * delta**2) / 363 / 364)
+    assert (pair["delta"], pair["delta_low"], pair["delta_high"]) == pytest.approx(
+        (100 * delta, 100 * (delta - half), 100 * (delta + half)), abs=1e-9)
+    assert f"| {only_a} / {only_b} | {pair['p_value']:.2g} |" in report
     assert "| 75.1 |" in report and "| 72.8 |" in report  # the paper's ImageNet top-1 beside ours
     for name in ("accuracy.png", "accuracy_vs_macs.png", "training_curves.png"):
         with Image.open(tmp_path / name) as plot:  # a complete, decodable PNG
             assert plot.format == "PNG" and min(plot.size) > 100
             plot.load()
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
-    predictions = np.load(tmp_path / models[0] / "seed0" / "predictions.npz")
-    assert predictions["top5"].shape == (364, 5) and len(predictions["labels"]) == 364
 
     # a second seed through the CLI: seed 0 is reused, seed 1 trained; mean ± std and per-seed values
     main(["compare", *models, "--recipe", "digits", "--seeds", "2", "--output", str(tmp_path), "--bench-size", "32",
@@ -140,7 +181,14 @@ def test_compare_reports_intervals_and_noise(tmp_path: Path, capsys: pytest.Capt
     assert all(f"{m}, seed 0: already trained" in out and f"{m}, seed 1: training" in out for m in models)
     for r in json.loads((tmp_path / "results.json").read_text()):
         assert [run["seed"] for run in r["runs"]] == [0, 1]
-        assert r["top1"] == pytest.approx(np.mean([run["top1"] for run in r["runs"]]))
+        # per-seed top-1 from each seed's saved predictions; the row is their mean and sample std
+        per_seed = []
+        for seed in (0, 1):
+            predictions = np.load(tmp_path / r["model"] / f"seed{seed}" / "predictions.npz")
+            per_seed.append(100 * float((predictions["top5"][:, 0] == predictions["labels"]).mean()))
+        assert [run["top1"] for run in r["runs"]] == pytest.approx(per_seed, abs=1e-9)
+        assert r["top1"] == pytest.approx(sum(per_seed) / 2, abs=1e-9)
+        assert r["top1_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / math.sqrt(2), abs=1e-9)
     assert json.loads((tmp_path / "pairs.json").read_text())[0]["test"] == "z-test (seeds and images)"
     assert "top-1 per seed" in (tmp_path / "report.md").read_text()
 
