@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .reference import paper_state_dict
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PAPER_MODELS = [f"unified_{f}_{s}" for s in ("micro", "tiny", "small", "base") for f in ("halo", "pvt", "swin", "convnext", "dcn_v3")]
@@ -36,9 +38,7 @@ def official_weights(request: pytest.FixtureRequest) -> tuple[str, dict[str, tor
     Session-scoped and parametrized, so pytest runs the classification and detection parity tests of
     one model back to back and the weights (seconds of random numbers for a base model) are built once.
     """
-    from .test_checkpoint import official_state_dict
-
-    return request.param, official_state_dict(request.param)
+    return request.param, paper_state_dict(request.param)
 
 
 def garbage_pad_to_multiple(t: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:

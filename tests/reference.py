@@ -1,16 +1,24 @@
 """Official-format weights from the reference recipe, rebuilt from the key names alone.
 
 Both reference sets (``tests/data/stm_eval`` and ``../shared/reference/related-systems``) draw every
-tensor from a generator seeded with ``crc32(salt + key)``; see the READMEs there.
+tensor from a generator seeded with ``crc32(salt + key)``; see the READMEs there. The paper models'
+weights (classification and detection) are shared here by the parity tests and ``conftest.py``.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 import zlib
-from typing import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+
+STM_EVAL = Path(__file__).parent / "data" / "stm_eval"
+CLASSIFICATION_ONLY = re.compile(r"^(conv_head|head|stage_norms)\.")
 
 
 def official_state_dict(
@@ -43,3 +51,27 @@ def official_state_dict(
 def relative_difference(ours: torch.Tensor, reference: np.ndarray) -> float:
     """``max|ours - reference| / max|reference|``."""
     return float((ours.double() - torch.from_numpy(reference)).abs().max() / np.abs(reference).max())
+
+
+@lru_cache(maxsize=None)
+def paper_entries() -> dict[str, list]:
+    """``{model: [(official key, shape), ...]}`` of the 20 paper models (``tests/data/stm_eval/entries.json``)."""
+    return json.loads((STM_EVAL / "entries.json").read_text())
+
+
+def paper_state_dict(name: str, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """The official-format weights of a paper model by the reference recipe, re-created from the keys alone."""
+    return official_state_dict(paper_entries()[name], dtype)
+
+
+def paper_detection_state_dict(name: str, weights: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """The official detection backbone's weights as an mmdet checkpoint holds them (``backbone.<official key>``).
+
+    They are the classification model's official weights (``weights``, if already built) without the
+    head and stage norms, plus the out norms, all from the same recipe.
+    """
+    weights = paper_state_dict(name) if weights is None else weights
+    state = {k: v for k, v in weights.items() if not CLASSIFICATION_ONLY.match(k)}
+    dims = [shape[0] for key, shape in paper_entries()[name] if re.fullmatch(r"stage_norms\.\d\.weight", key)]
+    state.update(official_state_dict([(f"out_norm_{i}.{p}", (dim,)) for i, dim in enumerate(dims) for p in ("weight", "bias")]))
+    return {f"backbone.{k}": v for k, v in state.items()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +13,10 @@ import torch
 
 from tokenmixers import CheckpointError, load_checkpoint, load_pretrained, save_pretrained
 
-from . import reference
 from .conftest import PAPER_MODELS, cli
-from .reference import relative_difference
+from .reference import paper_state_dict, relative_difference
 
 DATA = Path(__file__).parent / "data" / "stm_eval"
-
-
-@lru_cache(maxsize=None)
-def _entries() -> dict[str, list]:
-    return json.loads((DATA / "entries.json").read_text())
-
-
-def official_state_dict(name: str, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-    """The official-format weights of the reference recipe, re-created from the keys alone."""
-    return reference.official_state_dict(_entries()[name], dtype)
 
 
 @pytest.mark.parametrize("name", PAPER_MODELS)
@@ -36,7 +24,7 @@ def test_official_parity(name: str) -> None:
     with torch.device("meta"):
         model = timm.create_model(name)
     model = model.to_empty(device="cpu").double().eval()
-    report = load_checkpoint(model, {"model": official_state_dict(name)})
+    report = load_checkpoint(model, {"model": paper_state_dict(name)})
     assert report.source == "stm-eval" and not report.missing and not report.unexpected
     ref = np.load(DATA / f"{name}.npz")
     x = torch.from_numpy(np.load(DATA / "input_224.npy"))
@@ -70,7 +58,7 @@ def _unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
 @pytest.fixture(scope="module")
 def official_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "halo_micro_official.pth"
-    sd = official_state_dict("unified_halo_micro", torch.float32)
+    sd = paper_state_dict("unified_halo_micro", torch.float32)
     torch.save({"model": sd, "model_ema": {k: v + 1 for k, v in sd.items()}, "epoch": 299}, path)
     return path
 
@@ -130,7 +118,7 @@ def test_cli_convert(official_file: Path, tmp_path: Path, capsys: pytest.Capture
 
 
 def test_classifier_reinitialised_or_sliced(official_file: Path, tmp_path: Path) -> None:
-    sd = official_state_dict("unified_halo_micro", torch.float32)
+    sd = paper_state_dict("unified_halo_micro", torch.float32)
     ten = _micro(num_classes=10)
     fresh = ten.head.fc.weight.clone()
     report = load_checkpoint(ten, official_file)
@@ -146,14 +134,14 @@ def test_classifier_reinitialised_or_sliced(official_file: Path, tmp_path: Path)
 
 def test_position_tables_resized() -> None:
     swin = _micro("unified_swin_micro", mixer_args={"window_size": 9})
-    report = load_checkpoint(swin, {"model": official_state_dict("unified_swin_micro", torch.float32)})
+    report = load_checkpoint(swin, {"model": paper_state_dict("unified_swin_micro", torch.float32)})
     assert swin.stages[0].blocks[0].mixer.relative_position_bias_table.shape == (17 * 17, 1)
     assert any("bicubic (169, 1) -> (289, 1)" in a for a in report.adapted)
     halo = _micro("unified_halo_micro", mixer_args={"halo_size": 2})
-    report = load_checkpoint(halo, {"model": official_state_dict("unified_halo_micro", torch.float32)})
+    report = load_checkpoint(halo, {"model": paper_state_dict("unified_halo_micro", torch.float32)})
     assert any("linear (25, 32) -> (21, 32)" in a for a in report.adapted)
     pvt = _micro("unified_pvt_micro", img_size=320)
-    sd = official_state_dict("unified_pvt_micro", torch.float32)
+    sd = paper_state_dict("unified_pvt_micro", torch.float32)
     load_checkpoint(pvt, {"model": sd})
     pos = pvt.stages[0].blocks[0].pos.pos_embed
     assert pos.shape == (1, 32, 80, 80)
@@ -201,11 +189,11 @@ def test_other_architecture_or_scale_is_named() -> None:
     model = _micro("unified_halo_tiny")
     before = _snapshot(model)
     with pytest.raises(CheckpointError, match="looks like unified_halo_micro, not unified_halo_tiny") as err:
-        load_checkpoint(model, {"model": official_state_dict("unified_halo_micro", torch.float32)})
+        load_checkpoint(model, {"model": paper_state_dict("unified_halo_micro", torch.float32)})
     assert "Shape mismatches" in str(err.value)
     assert _unchanged(model, before)
     with pytest.raises(CheckpointError, match="looks like unified_swin_tiny") as err:
-        load_checkpoint(model, {"model": official_state_dict("unified_swin_tiny", torch.float32)})
+        load_checkpoint(model, {"model": paper_state_dict("unified_swin_tiny", torch.float32)})
     message = str(err.value)
     assert "Missing from the checkpoint" in message and "(x" in message  # grouped, not a wall of names
     assert len(message) < 2000

@@ -21,7 +21,7 @@ from tokenmixers.detection.detector import paste_masks
 from tokenmixers.detection.evaluate import run_scale_invariance
 
 from .conftest import SHARED, cli
-from .test_detection_backbone import official_detection_state_dict
+from .reference import paper_detection_state_dict
 
 NUCLEI = SHARED / "data" / "coco-nuclei"
 TREES = SHARED / "data" / "coco-trees"
@@ -37,7 +37,7 @@ def _cli(*args: str) -> list[str]:
 def mmdet_state_dict(name: str, num_classes: int = 80) -> dict[str, torch.Tensor]:
     """A synthetic mmdetection 2.x Mask R-CNN checkpoint: exact key layout and shapes, random values."""
     g = torch.Generator().manual_seed(0)
-    state = {k: v.float() for k, v in official_detection_state_dict(name).items()}
+    state = {k: v.float() for k, v in paper_detection_state_dict(name).items()}
     dims = [state[f"backbone.out_norm_{i}.weight"].shape[0] for i in range(4)]
 
     def conv(key: str, out: int, inp: int, k: int) -> None:

@@ -14,25 +14,9 @@ import torch
 from tokenmixers import CheckpointError, load_checkpoint
 from tokenmixers.detection import create_backbone, load_imagenet
 
-from . import reference
-from .test_checkpoint import _entries, official_state_dict
+from .reference import paper_detection_state_dict, paper_state_dict
 
 DATA = Path(__file__).parent / "data" / "stm_eval_det"
-CLASSIFICATION_ONLY = re.compile(r"^(conv_head|head|stage_norms)\.")
-
-
-def official_detection_state_dict(name: str, weights: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """The official detection backbone's weights as an mmdet checkpoint holds them (``backbone.<official key>``).
-
-    They are the classification model's official weights (``weights``, if already built) without the
-    head and stage norms, plus the out norms, all from the same recipe.
-    """
-    weights = official_state_dict(name) if weights is None else weights
-    state = {k: v for k, v in weights.items() if not CLASSIFICATION_ONLY.match(k)}
-    dims = [shape[0] for key, shape in _entries()[name] if re.fullmatch(r"stage_norms\.\d\.weight", key)]
-    state.update(reference.official_state_dict([(f"out_norm_{i}.{p}", (dim,)) for i, dim in enumerate(dims)
-                                                 for p in ("weight", "bias")]))
-    return {f"backbone.{k}": v for k, v in state.items()}
 
 
 @lru_cache(maxsize=1)
@@ -42,7 +26,7 @@ def _input() -> torch.Tensor:
 
 @lru_cache(maxsize=2)
 def _cached_detection_state_dict(name: str) -> dict[str, torch.Tensor]:
-    return official_detection_state_dict(name)
+    return paper_detection_state_dict(name)
 
 
 def _official_backbone(name: str, variant: str = "official", weights: Optional[dict] = None) -> torch.nn.Module:
@@ -50,7 +34,7 @@ def _official_backbone(name: str, variant: str = "official", weights: Optional[d
     with torch.device("meta"):
         backbone = create_backbone(name, variant=variant)
     backbone = backbone.to_empty(device="cpu").double().eval()
-    state = official_detection_state_dict(name, weights) if weights is not None else _cached_detection_state_dict(name)
+    state = paper_detection_state_dict(name, weights) if weights is not None else _cached_detection_state_dict(name)
     report = load_checkpoint(backbone, {"state_dict": state})
     assert report.source == "mmdet" and not report.missing and not report.unexpected
     return backbone
@@ -123,13 +107,13 @@ def test_timm_model_as_detection_backbone() -> None:
 @pytest.fixture(scope="module")
 def imagenet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("imagenet") / "unified_pvt_micro.pth"
-    torch.save({"model": official_state_dict("unified_pvt_micro", torch.float32), "epoch": 299}, path)
+    torch.save({"model": paper_state_dict("unified_pvt_micro", torch.float32), "epoch": 299}, path)
     return path
 
 
 def test_imagenet_initialisation_as_the_official_code(imagenet_checkpoint: Path) -> None:
     backbone = create_backbone("unified_pvt_micro", weights=imagenet_checkpoint)
-    classification = official_state_dict("unified_pvt_micro", torch.float32)
+    classification = paper_state_dict("unified_pvt_micro", torch.float32)
     assert torch.equal(backbone.stem.conv1.weight, classification["downsample_layers.0.stem.0.weight"])
     assert torch.equal(backbone.stages[2].blocks[1].mixer.q.weight, classification["stages.2.1.attn.q.weight"])
     assert all(torch.equal(n.weight, torch.ones_like(n.weight)) and not n.bias.any() for n in backbone.out_norms.values())
