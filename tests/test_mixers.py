@@ -88,8 +88,6 @@ def test_gradients_match_finite_differences(name: str) -> None:
             assert abs(numerical) > 1e-3, f"{key} does not change the output"  # every parameter is used
 
 
-@pytest.mark.xfail(strict=True, reason="stvit.py divides by norm.detach() also with grad_association=True, so the "
-                   "input gradient misses the normaliser's derivative")
 def test_stvit_association_gradient_matches_finite_differences() -> None:
     mixer = randomised(create_mixer("stvit", 32, **MIXER_CASES["stvit"], grad_association=True)).train()
     x = torch.randn(2, 9, 10, 32, dtype=torch.float64, requires_grad=True)

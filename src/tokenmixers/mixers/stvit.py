@@ -103,7 +103,9 @@ class SuperTokenAttention(TokenMixer):
                 norm = _fold(assoc.sum(3))[..., None] + 1e-12  # B hh ww 1: association mass per super token
                 if step < self.n_iter - 1:
                     tokens = _fold(assoc.transpose(-1, -2) @ pixels) / norm
-        tokens = _fold(assoc.transpose(-1, -2) @ pixels) / norm.detach()  # with gradient through the pixels
+        # the published model has no gradient through the association (norm is detached there); with
+        # grad_association the whole expression is differentiated
+        tokens = _fold(assoc.transpose(-1, -2) @ pixels) / (norm if self.grad_association else norm.detach())
         tokens = self.attention(tokens.reshape(B, hh * ww, C)).view(B, hh, ww, C)
         out = assoc @ _neighbours(tokens)  # B hh ww hw C
         out = out.view(B, hh, ww, h, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, hh * h, ww * w, C)
