@@ -8,9 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -71,27 +70,28 @@ def test_the_tasks_own_settings_are_checked() -> None:
         Regression.load_settings(None, {"noise": "loud"})
 
 
-def _stop_at(log: Path, line: str) -> threading.Thread:
-    """SIGTERM to this process (a scheduler stopping the job) once ``line`` is in the run's log."""
-    def watch() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (log.is_file() and line in log.read_text()):
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGTERM)
+def stopped_at(batch: int) -> type[Regression]:
+    """The task, with SIGTERM sent to this process during its ``batch``-th batch (a scheduler stopping the job)."""
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    class Stopped(Regression):
+        batches = 0
+
+        def step(self, model: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+            Stopped.batches += 1
+            if Stopped.batches == batch:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().step(model, x, y)
+
+    return Stopped
 
 
 def test_interrupt_resume_and_a_damaged_last_checkpoint(straight: tuple[Path, dict], tmp_path: Path) -> None:
     reference, summary = straight
     out = tmp_path / "run"
-    watcher = _stop_at(out / "log.txt", "step 5:")
     with pytest.raises(runs.Interrupted) as stopped:
-        runs.train(Regression, None, {**SETTINGS, "output": str(out)})
-    watcher.join()
-    assert stopped.value.epoch == 1 and stopped.value.step in (5, 6)  # mid-epoch: the signal lands in step 5 or 6
+        runs.train(stopped_at(11), None, {**SETTINGS, "output": str(out)})
+    # batch 11 is the 3rd of epoch 1, in step 6 (2 batches a step): saved at the end of that step, mid-epoch
+    assert (stopped.value.epoch, stopped.value.step) == (1, 6)
     resumed = runs.train(Regression, None, {**SETTINGS, "output": str(out), "resume": "auto"})
     assert "resumed from" in (out / "log.txt").read_text()
     assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in summary["history"]]
@@ -100,18 +100,16 @@ def test_interrupt_resume_and_a_damaged_last_checkpoint(straight: tuple[Path, di
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # last.pth truncated in place: its snapshots are intact, and --resume auto continues from the newest of them
-    shutil_run = tmp_path / "damaged"
-    watcher = _stop_at(shutil_run / "log.txt", "step 10:")
+    damaged = tmp_path / "damaged"
     with pytest.raises(runs.Interrupted):
-        runs.train(Regression, None, {**SETTINGS, "output": str(shutil_run)})
-    watcher.join()
-    with open(shutil_run / "last.pth", "r+b") as f:
+        runs.train(stopped_at(19), None, {**SETTINGS, "output": str(damaged)})
+    with open(damaged / "last.pth", "r+b") as f:
         f.truncate(1000)
-    resumed = runs.train(Regression, None, {**SETTINGS, "output": str(shutil_run), "resume": "auto"})
-    log = (shutil_run / "log.txt").read_text()
-    assert f"resume: skipped {shutil_run / 'last.pth'}: " in log and "resumed from" in log
+    resumed = runs.train(Regression, None, {**SETTINGS, "output": str(damaged), "resume": "auto"})
+    log = (damaged / "log.txt").read_text()
+    assert f"resume: skipped {damaged / 'last.pth'}: " in log and "resumed from" in log
     assert [r["mse"] for r in resumed["history"]] == [r["mse"] for r in summary["history"]]
-    b = _weights(shutil_run / "last.pth")
+    b = _weights(damaged / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
