@@ -176,12 +176,12 @@ def test_an_interrupted_comparison_continues_with_the_command_it_names(tmp_path:
                                                                        capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cmp"
     argv = ["compare", "unified_convnext_micro", "--recipe", "digits", "--output", str(out), "--bench-size", "32",
-            "--bench-batch", "2", "--set", "epochs=2", "max_steps_per_epoch=3", "batch_size=16", "workers=0", "log_every=1"]
+            "--bench-batch", "2", "--set", "epochs=1", "max_steps_per_epoch=3", "batch_size=16", "workers=0", "log_every=1"]
     log = out / "unified_convnext_micro" / "seed0" / "log.txt"
 
     def stop() -> None:
         deadline = time.time() + 120
-        while not (log.is_file() and "step 2:" in log.read_text()):
+        while not (log.is_file() and "step 1:" in log.read_text()):
             if time.time() > deadline:
                 return  # never signal a process that is no longer training: it would not save, just die
             time.sleep(0.01)

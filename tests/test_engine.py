@@ -113,15 +113,25 @@ def test_interrupt_resume_and_a_damaged_last_checkpoint(straight: tuple[Path, di
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_task_trains_under_torchrun(tmp_path: Path) -> None:
-    # without dropout, 2 processes x 4 samples compute the steps of 1 process x 8 (the same samples per step)
+def test_the_task_trains_on_two_processes_launched_as_slurm_does(tmp_path: Path) -> None:
+    # what srun does: start N copies with SLURM_* set; ranks, world size and rendezvous come from them. Without
+    # dropout, 2 processes x 4 samples compute the steps of 1 process x 8 (the same samples in each step).
     common = [f"{k}={v}" for k, v in {**SETTINGS, "dropout": 0.0, "epochs": 1, "ema": False}.items()]
     one = runs.train(Regression, None, common + ["batch_size=8", f"output={tmp_path / 'one'}"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          free_port(), str(ROOT / "tests" / "regression_task.py"), *common, "batch_size=4",
-                          f"output={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    procs, port = [], free_port()
+    for rank in range(2):
+        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(ROOT / "src")}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(key, None)
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "regression_task.py"), *common,
+                                       "batch_size=4", f"output={tmp_path / 'two'}"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    assert "2 process(es)" in (tmp_path / "two" / "log.txt").read_text()
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == one["global_batch"] == 16
     a = torch.load(tmp_path / "one" / "last.pth", weights_only=True)["model"]

@@ -375,24 +375,6 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path, capsys: pytest
     assert abs(summary["top1"] - one["top1"]) <= 100 / 364 + 1e-9
 
 
-def test_slurm_launch_without_torchrun(tmp_path: Path) -> None:
-    # what srun does: start N copies with SLURM_* set; ranks, world size and rendezvous come from them
-    procs, port = [], free_port()
-    for rank in range(2):
-        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            env.pop(key, None)
-        procs.append(subprocess.Popen(_cli("train", "--recipe", "digits", f"output={tmp_path}",
-                                           *_overrides(epochs=1, max_steps_per_epoch=2, batch_size=16, ema=False)),
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
-    assert "2 process(es)" in (tmp_path / "log.txt").read_text()
-    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
-
-
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_and_gradient_accumulation_on_cpu(tmp_path: Path, precision: str) -> None:
     # a small batch and validation set: fp16 convolutions on a CPU without native half support are slow
