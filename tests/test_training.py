@@ -108,6 +108,12 @@ def test_training_learns_digits(trained: tuple[Path, dict]) -> None:
     config = (out / "config.yaml").read_text()
     assert "lr: 0.001" in config and "global_batch: 32" in config  # 2e-3 x 32 / 64, saved with the run
     assert "lr 0.001 = 0.002 x global batch 32 / 64" in (out / "log.txt").read_text()
+    # the paper's decay rule: none on norms, biases and other 1-D parameters (timm's groups), 0.05 on the rest
+    model = torch.load(out / "last.pth", weights_only=True)["model"]
+    groups = torch.load(out / "last.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.05]
+    one_d = sum(1 for k, v in model.items() if v.ndim <= 1 and "running_" not in k and "num_batches" not in k)
+    assert len(groups[0]["params"]) == one_d and len(groups[1]["params"]) > 0
 
 
 def test_eval_uses_the_runs_data_settings(trained: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:

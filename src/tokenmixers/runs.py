@@ -508,7 +508,7 @@ class Task:
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Optimizer groups: by default timm's (no decay for 1-D parameters and ``no_weight_decay()`` names)."""
         no_decay = getattr(model, "no_weight_decay", lambda: set())()
-        return param_groups_weight_decay(model, self.cfg.weight_decay, no_decay)
+        return param_groups_weight_decay(model, weight_decay=self.cfg.weight_decay, no_weight_decay_list=no_decay)
 
     def describe(self, model: nn.Module, train_set: Dataset, val_set: Dataset, steps_per_epoch: int) -> list[str]:
         """Lines for the log's header: the data, the classes, anything the task decided."""
