@@ -20,13 +20,16 @@ channels-last tensor ``(B, H, W, C)`` to a tensor of the same shape.
   initialises only its other parameters (relative-position tables, embeddings).
 * **Weight decay:** :meth:`TokenMixer.no_weight_decay` names the mixer's parameters that must not
   be decayed (position tables).
+* **Budget knobs:** :attr:`TokenMixer.knobs` may name options the budget fitter is allowed to change,
+  with the values it may try (``{"kernel_size": (3, 5, 7)}``; ``mlp_ratio`` names the block's MLP
+  ratio). A mixer that declares none is fitted to the paper's budgets by width and depth alone.
 
 The backbone never inspects which mixer it holds.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -36,6 +39,9 @@ __all__ = ["TokenMixer", "register_mixer", "get_mixer", "create_mixer", "list_mi
 
 class TokenMixer(nn.Module):
     """Base class of every spatial token mixer: ``(B, H, W, C) -> (B, H, W, C)``."""
+
+    # options the budget fitter may change and the values it may try ("mlp_ratio": the block's MLP ratio)
+    knobs: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def __init__(self, dim: int, num_heads: int = 1, block_index: int = 0) -> None:
         super().__init__()
