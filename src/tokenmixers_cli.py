@@ -236,6 +236,29 @@ def cmd_convert(args: argparse.Namespace) -> None:
           + (f"; {kept}" if kept else "") + ")")
 
 
+@command("fit", "place a mixer at the paper's four budgets (params and MACs inside the envelope of its five models)",
+         arg("mixer", help="a registered mixer (yours through --import my_mixer.py)"),
+         arg("--scales", nargs="+", default=["micro", "tiny", "small", "base"],
+             choices=["micro", "tiny", "small", "base"]),
+         arg("--name", default=None, help="family name: the models become unified_<name>_<scale> (default: the mixer)"),
+         arg("--out", default=None, help="write the configurations as YAML (register them again with --import FILE)"),
+         runs_models=False)
+def cmd_fit(args: argparse.Namespace) -> None:
+    """Fit a mixer at the budgets; print each scale's configuration, costs and envelope; optionally save them."""
+    from tokenmixers.fit import fit_family, save_family
+
+    family, fits = fit_family(args.name or args.mixer, args.mixer, args.scales)
+    for fitted in fits.values():
+        print(fitted)
+    missed = [s for s, f in fits.items() if not f.inside]
+    if missed:
+        print(f"no setting within the searched knobs lands inside the envelope at {', '.join(missed)}: the closest one "
+              "is shown; declare more knobs on the mixer (TokenMixer.knobs) to give the search room")
+    print(f"registered {', '.join(family.model_names())}")
+    if args.out:
+        print(f"wrote {save_family(family, args.out)}")
+
+
 # -- classification ------------------------------------------------------------------------------------------
 
 
@@ -311,14 +334,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
          arg("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
              help="recipe overrides, e.g. --set epochs=3 input_size=48"),
          arg("--bench-size", type=int, default=224),
-         arg("--bench-batch", type=int, default=8))
+         arg("--bench-batch", type=int, default=8),
+         arg("--no-fit", dest="fit", action="store_false",
+             help="compare a plug-in's models as registered, without placing them at the paper's budgets first"))
 def cmd_compare(args: argparse.Namespace) -> None:
     """Train and evaluate several models under one recipe; write one report."""
     _output_folder(args.output, "--output")
     from tokenmixers.compare import compare
 
     result = compare(args.models or None, recipe=args.recipe, overrides=args.overrides, output=args.output,
-                     bench_size=args.bench_size, bench_batch=args.bench_batch, seeds=args.seeds)
+                     bench_size=args.bench_size, bench_batch=args.bench_batch, seeds=args.seeds, fit=args.fit)
     print(Path(result["report"]).read_text())
     print(f"report: {result['report']}")
 
@@ -512,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every registered command."""
     parser = argparse.ArgumentParser(prog="tokenmixers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
-                        help="import a Python module or file first (e.g. one that registers your mixer); repeatable")
+                        help="import a Python module or file first (e.g. one that registers your mixer), or register "
+                        "the models of a family file written by `fit --out`; repeatable")
     parser.add_argument("--traceback", action="store_true", help="on an error, also print the Python traceback")
     parser.add_argument("--no-memory-reuse", dest="memory_reuse", action="store_false",
                         help="let freed CPU tensor memory go back to the system at once (glibc's default) instead of "
@@ -527,13 +553,20 @@ def build_parser() -> argparse.ArgumentParser:
         p = (groups[group] if group else commands).add_parser(sub, help=help, description=help)
         for flags, options in args:
             p.add_argument(*flags, **options)
-        p.set_defaults(func=fn, name=name)
+        p.set_defaults(func=fn, command_name=name)
     return parser
 
 
 def _import(name: str) -> None:
     """Import a module by name or a Python file by path (plug-ins that register mixers or models)."""
     path = Path(name)
+    if path.suffix in (".yaml", ".yml"):  # a family written by `tokenmixers fit --out`
+        from tokenmixers.fit import load_family
+
+        if not path.is_file():
+            raise FileNotFoundError(f"--import {name}: file does not exist")
+        load_family(path)
+        return
     if path.suffix == ".py":
         if not path.is_file():
             raise FileNotFoundError(f"--import {name}: file does not exist")
@@ -630,7 +663,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.formatwarning = _short_warning
     try:
-        if args.memory_reuse and COMMANDS[args.name][3]:
+        if args.memory_reuse and COMMANDS[args.command_name][3]:
             from tokenmixers.allocator import reuse_cpu_memory
 
             reuse_cpu_memory()
@@ -642,7 +675,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"tokenmixers {args.name}: interrupted; nothing was saved after the last checkpoint", file=sys.stderr)
+        print(f"tokenmixers {args.command_name}: interrupted; nothing was saved after the last checkpoint", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
         if args.traceback:
@@ -651,9 +684,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             traceback.print_exc()
         if _interrupted(err):
             if _primary():
-                print(f"tokenmixers {args.name}: {err}; resume with: {resume_hint(args.name, argv)}", file=sys.stderr)
+                print(f"tokenmixers {args.command_name}: {err}; resume with: {resume_hint(args.command_name, argv)}", file=sys.stderr)
             sys.exit(err.exit_code)
-        print(f"tokenmixers {args.name}: error: {_describe(err)}", file=sys.stderr)
+        print(f"tokenmixers {args.command_name}: error: {_describe(err)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -49,9 +49,13 @@ def test_quick_tour_runs() -> None:
 
 
 def test_add_a_mixer_example_runs() -> None:
+    # the README's mixer lands inside the paper's budget at every scale, as the line it prints says
     block = next(b for b in _python_blocks() if "register_mixer" in b)
     namespace: dict = {}
     exec(compile(block, "README mixer example", "exec"), namespace)
-    model = namespace["model"]
-
+    model, fits = namespace["model"], namespace["fits"]
+    assert all(f.inside for f in fits.values()) and list(fits) == ["micro", "tiny", "small", "base"]
+    printed = re.search(r"print\(fits\[\"micro\"\]\)\s+# (.*)", block).group(1)
+    head, *rest = [part.strip() for part in printed.split("...")]
+    assert str(fits["micro"]).startswith(head) and all(part.removesuffix(", inside") in str(fits["micro"]) for part in rest)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)

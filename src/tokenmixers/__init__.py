@@ -9,6 +9,7 @@ from .allocator import reuse_cpu_memory
 from .backbone import UnifiedNet
 from .checkpoint import CheckpointError
 from .configs import SCALES, DWNetCfg, Family, ModelCfg, STViTCfg
+from .fit import budget, fit_budget, fit_family
 from .hub import load_pretrained, save_pretrained
 from .mixers import TokenMixer, create_mixer, get_mixer, list_mixers, register_mixer
 from .models import DWNet, STViT
@@ -49,5 +50,8 @@ __all__ = [
     "register_model_cfg",
     "register_variant",
     "reuse_cpu_memory",
+    "budget",
+    "fit_budget",
+    "fit_family",
     "__version__",
 ]

@@ -1,15 +1,6 @@
 """Parameters, MACs, throughput, latency and peak memory of any set of models.
 
-Two MAC conventions are reported:
-
-* ``macs``: every multiply-accumulate of convolutions, linear layers and matrix products,
-  attention included (``torch.utils.flop_counter``; flops / 2).
-* ``macs_paper``: the module-hook convention (mmcv/fvcore style) behind most numbers of the
-  paper's Table IV: ``nn.Conv2d`` (with bias) and ``nn.Linear`` (without) modules, 2 per element of the
-  LayerNorms inside blocks and of the head's BatchNorm, 1 per pooled element, ignoring functional products such as
-  attention QK^T/AV. (The official stem, downsampling and stage norms were a LayerNorm subclass
-  that this convention skipped, so they are skipped here too. The paper's Swin numbers use the
-  full count instead, see the README.)
+The two MAC conventions (all products, and the paper's module-hook count) are :mod:`tokenmixers.costs`'.
 """
 from __future__ import annotations
 
@@ -17,9 +8,7 @@ import contextlib
 import ctypes
 import fnmatch
 import json
-import math
 import os
-import re
 import statistics
 import time
 from pathlib import Path
@@ -28,59 +17,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import timm
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from .backbone import Head
+from .costs import count_macs, count_params
 from .files import atomic_write_csv, atomic_write_text
 from .precision import autocast
 from .zoo import create_model, list_models, reported_top1
-
-aten = torch.ops.aten
-
-
-def _sdpa_cpu_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int], *args: Any, **kwargs: Any) -> int:
-    """FLOPs of a fused CPU attention call: QK^T and AV, 2 per multiply-accumulate."""
-    batch = math.prod(q[:-2])
-    return 2 * batch * q[-2] * k[-2] * (q[-1] + v[-1])
-
-
-_CUSTOM_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: nn.Module, input_size: tuple[int, int] = (224, 224), in_chans: int = 3) -> dict[str, int]:
-    """MACs of one image in both conventions (see module docstring)."""
-    x = torch.randn(1, in_chans, *input_size, device=next(model.parameters()).device)
-    paper = 0
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal paper
-        if isinstance(module, nn.Conv2d):
-            per_out = module.in_channels // module.groups * math.prod(module.kernel_size)
-            paper += out.numel() * (per_out + (module.bias is not None))
-        elif isinstance(module, nn.Linear):
-            paper += out.numel() * module.in_features
-        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
-            paper += 2 * out.numel()
-        elif isinstance(module, Head) and module.global_pool == "avg":
-            paper += inputs[0][..., :1].numel() * module.hidden_dim  # the average pool
-
-    outer_norm = re.compile(r"^stem\.norm|\.downsample\.norm$|^stages\.\d+\.norm$")
-    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if not outer_norm.search(n)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return {"macs": counter.get_total_flops() // 2, "macs_paper": paper}
 
 
 @contextlib.contextmanager

@@ -29,13 +29,26 @@ from .analysis.plots import plt
 from .augment import build_transform
 from .bench import count_macs, count_params, measure_speed, resolve_models
 from .classification import Classification, ClassificationSettings, train
+from .configs import ModelCfg
 from .data import ImageDataset, build_dataset
 from .distributed import init_distributed
 from .files import atomic_write, atomic_write_csv, atomic_write_text
+from .fit import Fitted, budget, search
 from .recipe import parse_overrides
 from .runs import loader
 from .stats import accuracy, paired_difference
-from .zoo import create_model, display_name, load_checkpoint, paper_models, reported_top1
+from .zoo import (
+    create_model,
+    display_name,
+    family_of,
+    is_builtin,
+    load_checkpoint,
+    model_cfg,
+    paper_models,
+    register_model_cfg,
+    reported_top1,
+    scale_of,
+)
 
 ALPHA = 0.05  # a difference with p >= ALPHA is reported as within noise
 
@@ -92,11 +105,17 @@ def compare(
     bench_size: int = 224,
     bench_batch: int = 8,
     seeds: int = 1,
+    fit: bool = True,
 ) -> dict[str, Any]:
-    """Train and evaluate ``models`` under one recipe, ``seeds`` runs each; write the report into ``output``."""
+    """Train and evaluate ``models`` under one recipe, ``seeds`` runs each; write the report into ``output``.
+
+    With ``fit`` (the default), a model of a user's family (registered at run time) is first placed at
+    the paper's budget of its scale (:func:`tokenmixers.fit.search` from its registered configuration).
+    """
     models = resolve_models(models) if models else default_models()
     if not models:
         raise ValueError("no models to compare")
+    fitted = fit_user_models(models) if fit else {}
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     if overrides is not None and not isinstance(overrides, Mapping):
@@ -127,10 +146,15 @@ def compare(
         top1, acc5 = accuracy(correct[name]), accuracy((top5 == labels[:, None]).any(-1))
         model = create_model(name)
         macs = count_macs(model, (bench_size, bench_size))
+        scale = scale_of(name)
+        paper_macs = count_macs(model)["macs_paper"] if (bench_size, bench_size) != (224, 224) else macs["macs_paper"]
         speed = measure_speed(model, batch_size=bench_batch, input_size=(bench_size, bench_size), iters=3)
         rows.append({
             "model": name, "mixer": getattr(model, "mixer", type(model).__name__), "params_m": count_params(model) / 1e6,
-            "macs_g": macs["macs"] / 1e9, "throughput": speed["throughput"],
+            "macs_g": macs["macs"] / 1e9, "throughput": speed["throughput"], "macs_paper_224_g": paper_macs / 1e9,
+            "budget": str(budget(scale)).split(": ", 1)[1] if scale else None,
+            "inside_budget": budget(scale).inside(count_params(model), paper_macs) if scale else None,
+            "fitted": dict(fitted[name].changed) if name in fitted else None,
             "top1": top1.mean, "top1_std": top1.std, "top1_low": top1.low, "top1_high": top1.high,
             "top5": acc5.mean, "top5_low": acc5.low, "top5_high": acc5.high,
             "train_time_s": float(np.mean([r["summary"]["train_time_s"] for r in runs])),
@@ -145,6 +169,18 @@ def compare(
     weights = "EMA" if cfg.ema else "raw"
     report = _write_report(rows, pairs, output, recipe, overrides, cfg, len(val), weights, bench_size, bench_batch)
     return {"rows": rows, "pairs": pairs, "report": str(report)}
+
+
+def fit_user_models(models: Sequence[str]) -> dict[str, Fitted]:
+    """Place the models of users' families (registered at run time) at their scale's budget; re-register them."""
+    fitted = {}
+    for name in models:
+        scale, family = scale_of(name), family_of(name)
+        if is_builtin(name) or scale is None or family is None or not isinstance(model_cfg(name), ModelCfg):
+            continue
+        fitted[name] = search(model_cfg(name).mixer, scale, start=model_cfg(name))
+        register_model_cfg(name, fitted[name].cfg, family=family, scale=scale)
+    return fitted
 
 
 def _pairs(rows: Sequence[Mapping[str, Any]], correct: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -224,11 +260,17 @@ def _write_report(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], outpu
     for p in pairs:
         pair_table.append(f"| {_short(p['a'])} | {_short(p['b'])} | {p['delta']:+.2f} | {_interval(p, 'delta', '+.2f')} | "
                           f"{p['only_a']} / {p['only_b']} | {p['p_value']:.2g} | {'no' if p['separated'] else 'yes'} |")
-    cost_table = ["| model | mixer | params (M) | MACs (G) | img/s | train time (s) | train img/s |",
-                  "|---|---|---|---|---|---|---|"]
+    cost_table = ["| model | mixer | params (M) | MACs (G) | img/s | train time (s) | train img/s | MACs at 224, paper "
+                  "convention (G) | the paper's budget at its scale | inside |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        inside = {True: "yes", False: "**no**", None: "–"}[r["inside_budget"]]
         cost_table.append(f"| {r['model']} | {r['mixer']} | {r['params_m']:.2f} | {r['macs_g']:.2f} | "
-                          f"{r['throughput']:.1f} | {r['train_time_s']:.0f} | {r['train_img_s']:.0f} |")
+                          f"{r['throughput']:.1f} | {r['train_time_s']:.0f} | {r['train_img_s']:.0f} | "
+                          f"{r['macs_paper_224_g']:.2f} | {r['budget'] or '–'} | {inside} |")
+    fitted_notes = [f"- {r['model']} was placed at the paper's budget first: "
+                    + (", ".join(f"{k}={v}" for k, v in r["fitted"].items()) or "its configuration was already inside")
+                    + ("." if r["inside_budget"] else "; no setting the search tried lands inside, this is the closest.")
+                    for r in rows if r["fitted"] is not None]
     if several:
         how = (f"{len(seeds)} runs per model (seeds {seeds[0]}–{seeds[-1]}): top-1 is the mean ± the standard deviation "
                "over seeds; the 95 % interval adds the seed spread of the mean to the sampling of the validation "
@@ -265,6 +307,7 @@ def _write_report(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], outpu
         "",
         *cost_table,
         "",
+        *(fitted_notes + [""] if fitted_notes else []),
         *[f"![{title}]({path.name})" for title, path in plots],
         "",
     ])

@@ -231,6 +231,16 @@ PAPER_FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+# The paper's budgets: per scale, the (min, max) of the five models above in parameters and in MACs at 224x224
+# (the paper's convention, tokenmixers.costs.count_macs(...)["macs_paper"]). tokenmixers.fit places any mixer
+# inside them; tests/test_fit.py measures the five models and checks these numbers.
+BUDGETS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "micro": ((4302692, 4454056), (573022304, 651950720)),
+    "tiny": ((29933272, 31912360), (4554528512, 5006678400)),
+    "small": ((50082280, 54393640), (7327818752, 9402848640)),
+    "base": ((91566312, 97465192), (12728361984, 16641126912)),
+}
+
 # -- the related systems' mixers at the paper's budgets ------------------------------------------------
 # Depths and widths were chosen so that every model lands within +-3% of the DWConv model's
 # parameters (4.44M / 31.9M / 54.4M / 95.9M) and +-10% of its MACs at 224 (0.65 / 5.00 / 9.39 /

@@ -17,6 +17,7 @@ import difflib
 import fnmatch
 import functools
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -35,7 +36,8 @@ from .models import DWNet, STViT
 
 __all__ = ["SCALES", "FAMILIES", "create_model", "list_models", "model_cfg", "register_family", "register_variant",
            "register_model_cfg", "default_recipe", "check_model_name", "guess_architecture", "reported_top1",
-           "family_of", "scale_of", "paper_models", "is_registered", "display_name", "load_checkpoint"]
+           "family_of", "scale_of", "paper_models", "is_registered", "is_builtin", "display_name", "load_checkpoint",
+           "register"]
 
 FAMILIES: dict[str, Family] = {}
 _MODEL_CFGS: dict[str, AnyCfg] = {}  # model name -> architecture
@@ -125,6 +127,7 @@ def register_model_cfg(
     if type(cfg) not in ARCHITECTURES:
         raise TypeError(f"unknown config type {type(cfg).__name__}; accepted: {', '.join(t.__name__ for t in ARCHITECTURES)}")
     model_cls, first_conv = ARCHITECTURES[type(cfg)]
+    replacing = name in _MODEL_CFGS  # e.g. a user's model placed at its budget: a new config, on purpose
     _MODEL_CFGS[name] = cfg
     _MODEL_FAMILY[name] = family
     if scale is not None:
@@ -140,11 +143,15 @@ def register_model_cfg(
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"{name}: {model_cls.__name__} with the {cfg.mixer!r} mixer."
-    register_model(entrypoint)
+    with warnings.catch_warnings():
+        if replacing:
+            warnings.filterwarnings("ignore", message=f"Overwriting {name} in registry")
+        register_model(entrypoint)
     _signature.cache_clear()
 
 
-def _register(family: Family) -> Family:
+def register(family: Family) -> Family:
+    """Register every model of a family (configs already made, e.g. fitted) as ``unified_<name>_<scale>``."""
     FAMILIES[family.name] = family
     for scale, name, cfg in zip(family.configs, family.model_names(), family.configs.values()):
         register_model_cfg(name, cfg, family=family.name, top1=family.paper_top1.get(scale), scale=scale)
@@ -164,7 +171,7 @@ def register_family(
 
     ``common`` and the per-scale mappings are :class:`ModelCfg` fields, e.g. ``norm_eps=1e-6``.
     """
-    return _register(configs.family(name, mixer, scales, source=source, paper_top1=paper_top1, recipe=recipe, **common))
+    return register(configs.family(name, mixer, scales, source=source, paper_top1=paper_top1, recipe=recipe, **common))
 
 
 def register_variant(name: str, base: str, **overrides: Any) -> None:
@@ -192,6 +199,11 @@ def list_models(pattern: str = "*") -> list[str]:
 def is_registered(name: str) -> bool:
     """Whether ``name`` is one of tokenmixers' models (not just any timm model)."""
     return name in _MODEL_CFGS
+
+
+def is_builtin(name: str) -> bool:
+    """Whether a model ships with tokenmixers (not registered at run time, e.g. by a user's plug-in)."""
+    return name in _BUILTIN
 
 
 def family_of(name: str) -> Optional[str]:
@@ -234,8 +246,19 @@ def check_model_name(name: str) -> None:
         raise KeyError(f"unknown model {name!r}{hint}")
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
-    """Create a registered model (same as ``timm.create_model``); clear ``KeyError`` for unknown names."""
+def create_model(name: Union[str, ModelCfg], pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """Create a registered model (same as ``timm.create_model``), or a unified model from a :class:`ModelCfg`.
+
+    An unknown name raises a ``KeyError`` with close matches.
+    """
+    if isinstance(name, ModelCfg):
+        if pretrained:
+            raise ValueError("a model built from a config has no pretrained weights; load them with load_checkpoint")
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = UnifiedNet(name, **kwargs)
+        model.pretrained_cfg = pretrained_cfg(architecture=None)
+        return model.to(dtype) if dtype is not None else model
     check_model_name(name)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
@@ -291,7 +314,7 @@ def guess_architecture(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
 
 
 for _family in configs.FAMILIES:
-    _register(_family)
+    register(_family)
 for _name, (_family_name, _cfg) in configs.VARIANTS.items():
     register_model_cfg(_name, _cfg, family=_family_name, scale=next((s for s in SCALES if f"_{s}" in _name), None))
 for _name, _published in configs.PUBLISHED.items():
@@ -299,3 +322,5 @@ for _name, _published in configs.PUBLISHED.items():
         _name, _published.cfg, family=_published.family, top1=_published.top1, paper_name=_published.source,
         origin_url=_published.url, scale=next((s for s in SCALES if _name.endswith(f"_{s}")), None),
     )
+
+_BUILTIN = frozenset(configs.builtin_models())
