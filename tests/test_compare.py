@@ -168,6 +168,10 @@ def test_compare_reports_intervals_and_noise(tmp_path: Path, capsys: pytest.Capt
         (100 * delta, 100 * (delta - half), 100 * (delta + half)), abs=1e-9)
     assert f"| {only_a} / {only_b} | {pair['p_value']:.2g} |" in report
     assert "| 75.1 |" in report and "| 72.8 |" in report  # the paper's ImageNet top-1 beside ours
+    # every model against the paper's budget of its scale (both paper models are inside it, unchanged)
+    assert all(r["inside_budget"] is True and r["fitted"] is None for r in rows.values())
+    assert rows["unified_pvt_micro"]["macs_paper_224_g"] == pytest.approx(0.573022304)
+    assert "| 4.30-4.45M params, 0.57-0.65G MACs at 224 | yes |" in report
     for name in ("accuracy.png", "accuracy_vs_macs.png", "training_curves.png"):
         with Image.open(tmp_path / name) as plot:  # a complete, decodable PNG
             assert plot.format == "PNG" and min(plot.size) > 100
