@@ -1,4 +1,6 @@
-"""Official-format weights from the reference recipe, rebuilt from the key names alone.
+"""Test references shared by several test modules: official-format weights and derivatives by finite differences.
+
+Official-format weights come from the reference recipe, rebuilt from the key names alone.
 
 Both reference sets (``tests/data/stm_eval`` and ``../shared/reference/related-systems``) draw every
 tensor from a generator seeded with ``crc32(salt + key)``; see the READMEs there. The paper models'
@@ -75,3 +77,28 @@ def paper_detection_state_dict(name: str, weights: Optional[dict[str, torch.Tens
     dims = [shape[0] for key, shape in paper_entries()[name] if re.fullmatch(r"stage_norms\.\d\.weight", key)]
     state.update(official_state_dict([(f"out_norm_{i}.{p}", (dim,)) for i, dim in enumerate(dims) for p in ("weight", "bias")]))
     return {f"backbone.{k}": v for k, v in state.items()}
+
+
+def derivatives(mixer: torch.nn.Module, x: torch.Tensor, eps: float = 1e-6) -> dict[str, tuple[float, float]]:
+    """``{input: (autograd, central difference)}`` of ``sum(u * mixer(x))`` along a random direction of the
+    input ``"x"`` and of each parameter in turn (float64; one backward pass, two forward passes per input)."""
+    names = [n for n, _ in mixer.named_parameters()]
+    inputs = [x.detach().requires_grad_(x.requires_grad)] + [p.detach().clone().requires_grad_() for p in mixer.parameters()]
+
+    def f(*tensors: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(mixer, dict(zip(names, tensors[1:])), (tensors[0],))
+
+    out = f(*inputs)
+    u = torch.randn_like(out)
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, u, allow_unused=True))
+    result = {}
+    for i, (name, t) in enumerate(zip(["x", *names], inputs)):
+        if not t.requires_grad:
+            continue
+        grad, v = next(grads), torch.randn_like(t)
+        with torch.no_grad():
+            plus = f(*inputs[:i], t + eps * v, *inputs[i + 1 :])
+            minus = f(*inputs[:i], t - eps * v, *inputs[i + 1 :])
+        result[name] = (0.0 if grad is None else float((grad * v).sum()), float(((plus - minus) * u).sum() / (2 * eps)))
+    return result

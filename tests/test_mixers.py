@@ -14,6 +14,7 @@ from tokenmixers.mixers import create_mixer, list_mixers, mixer_options
 from tokenmixers.mixers.dcnv3 import _sample_gather, _sample_grid
 
 from .conftest import garbage_pad_to_multiple, randomised
+from .reference import derivatives
 
 MIXER_CASES = {
     "halo": dict(num_heads=2),
@@ -43,31 +44,6 @@ def test_layout_contract(name: str, size: tuple[int, int]) -> None:
     assert torch.allclose(mixer(x[1:2]), out[1:2], atol=1e-12)
 
 
-def _derivatives(mixer: torch.nn.Module, x: torch.Tensor, eps: float = 1e-6) -> dict[str, tuple[float, float]]:
-    """``{input: (autograd, central difference)}`` of ``sum(u * mixer(x))`` along a random direction of the
-    input ``"x"`` and of each parameter in turn (float64; one backward pass, two forward passes per input)."""
-    names = [n for n, _ in mixer.named_parameters()]
-    inputs = [x.detach().requires_grad_(x.requires_grad)] + [p.detach().clone().requires_grad_() for p in mixer.parameters()]
-
-    def f(*tensors: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(mixer, dict(zip(names, tensors[1:])), (tensors[0],))
-
-    out = f(*inputs)
-    u = torch.randn_like(out)
-    wanted = [t for t in inputs if t.requires_grad]
-    grads = iter(torch.autograd.grad(out, wanted, u, allow_unused=True))
-    result = {}
-    for i, (name, t) in enumerate(zip(["x", *names], inputs)):
-        if not t.requires_grad:
-            continue
-        grad, v = next(grads), torch.randn_like(t)
-        with torch.no_grad():
-            plus = f(*inputs[:i], t + eps * v, *inputs[i + 1 :])
-            minus = f(*inputs[:i], t - eps * v, *inputs[i + 1 :])
-        result[name] = (0.0 if grad is None else float((grad * v).sum()), float(((plus - minus) * u).sum() / (2 * eps)))
-    return result
-
-
 # parameters the output does not depend on in training mode: a bias right before BatchNorm (batch statistics)
 NO_EFFECT_IN_TRAINING = {("idyn_dwconv", "reduce.bias")}
 
@@ -81,7 +57,7 @@ def test_gradients_match_finite_differences(name: str) -> None:
     # STViT computes its pixel-to-super-token association without gradient (as published), so the input's
     # gradient is not the derivative there; the association does not depend on the parameters
     x.requires_grad_(name != "stvit")
-    for key, (autograd, numerical) in _derivatives(mixer, x).items():
+    for key, (autograd, numerical) in derivatives(mixer, x).items():
         # measured agreement <= 3e-6 relative (derivatives are O(1..1e3)); a wrong or missing term is >> 1e-4
         assert autograd == pytest.approx(numerical, rel=1e-4, abs=1e-6), key
         if (name, key) not in NO_EFFECT_IN_TRAINING:
@@ -91,7 +67,7 @@ def test_gradients_match_finite_differences(name: str) -> None:
 def test_stvit_association_gradient_matches_finite_differences() -> None:
     mixer = randomised(create_mixer("stvit", 32, **MIXER_CASES["stvit"], grad_association=True)).train()
     x = torch.randn(2, 9, 10, 32, dtype=torch.float64, requires_grad=True)
-    autograd, numerical = _derivatives(mixer, x)["x"]
+    autograd, numerical = derivatives(mixer, x)["x"]
     assert autograd == pytest.approx(numerical, rel=1e-4, abs=1e-6)
 
 
