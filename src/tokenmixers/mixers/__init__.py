@@ -119,4 +119,16 @@ def create_mixer(name: str, dim: int, num_heads: int = 1, block_index: int = 0, 
 
 
 # Built-in mixers register themselves on import.
-from . import dcnv3, dwconv, dyn_dwconv, halo, idyn_dwconv, sra, stvit, swin, twins  # noqa: E402,F401
+# pool was published after the paper and has no model families yet
+from . import (  # noqa: E402,F401
+    dcnv3,
+    dwconv,
+    dyn_dwconv,
+    halo,
+    idyn_dwconv,
+    pool,
+    sra,
+    stvit,
+    swin,
+    twins,
+)

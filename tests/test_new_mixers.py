@@ -1,0 +1,136 @@
+"""Mixers published after the paper (PoolFormer's pooling),
+each against a naive reference written from the paper's equations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenmixers
+from tokenmixers.bench import count_macs
+from tokenmixers.configs import BUILTIN_MIXERS
+from tokenmixers.mixers import create_mixer, get_mixer, list_mixers, mixer_options
+
+from .conftest import randomised
+from .reference import derivatives
+
+NEW_MIXERS = ("pool",)
+SIZES = [(1, 1), (5, 7), (13, 9)]
+
+
+# -- the equations, written out (float64, one sample (H, W, C) at a time) -------------------------------
+
+
+def naive_pool(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean of the in-map pixels of the window, minus the pixel."""
+    H, W, _ = x.shape
+    r = m.pool_size // 2
+    out = torch.empty_like(x)
+    for i in range(H):
+        for j in range(W):
+            window = x[max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1]
+            out[i, j] = window.mean((0, 1)) - x[i, j]
+    return out
+
+
+NAIVE = {"pool": naive_pool}
+OPTIONS = {
+    "pool": [{}, {"pool_size": 5}],
+}
+CASES = [(name, options) for name in NEW_MIXERS for options in OPTIONS[name]]
+TINY_OPTIONS: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("name, options", CASES)
+def test_matches_naive_reference(name: str, options: dict) -> None:
+    m = randomised(create_mixer(name, 8, **options))
+    for size in SIZES:
+        x = torch.randn(2, *size, 8, dtype=torch.float64)
+        expected = torch.stack([NAIVE[name](m, sample) for sample in x])
+        # measured max |difference| <= 1e-14 (outputs are O(1))
+        torch.testing.assert_close(m(x), expected, rtol=0, atol=1e-10)
+
+
+# -- the mixer contract ----------------------------------------------------------------------------------
+
+
+def test_registered_and_listed_for_the_command_line() -> None:
+    assert set(NEW_MIXERS) <= set(BUILTIN_MIXERS) <= set(list_mixers())  # other tests may register more
+
+
+@pytest.mark.parametrize("name", NEW_MIXERS)
+def test_knobs_are_options_with_buildable_values(name: str) -> None:
+    knobs = get_mixer(name).knobs
+    assert knobs
+    for option, values in knobs.items():
+        assert option == "mlp_ratio" or option in mixer_options(name), option
+        if option != "mlp_ratio":
+            for value in values:
+                assert create_mixer(name, 32, **{option: value})(torch.randn(1, 5, 7, 32)).shape == (1, 5, 7, 32)
+
+
+@pytest.mark.parametrize("name", NEW_MIXERS)
+def test_layout_contract_and_precisions(name: str) -> None:
+    m = randomised(create_mixer(name, 16))
+    x = torch.randn(3, 11, 6, 16, dtype=torch.float64)
+    out = m(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    torch.testing.assert_close(m(x[1:2]), out[1:2], rtol=0, atol=1e-12)  # samples never mix
+    # float32 and bf16 autocast follow float64
+    m32 = m.float()
+    scale = out.abs().max()
+    assert (m32(x.float()).double() - out).abs().max() <= 1e-5 * scale
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m32(x.float())
+    assert low.dtype in (torch.bfloat16, torch.float32) and torch.isfinite(low).all()
+    assert (low.double() - out).abs().max() <= 0.05 * scale
+
+
+@pytest.mark.parametrize("name", NEW_MIXERS)
+def test_gradients_match_finite_differences(name: str) -> None:
+    m = randomised(create_mixer(name, 8, **TINY_OPTIONS.get(name, {}))).train()
+    x = torch.randn(2, 5, 6, 8, dtype=torch.float64, requires_grad=True)
+    result = derivatives(m, x)
+    assert set(result) == {"x", *(n for n, _ in m.named_parameters())}
+    for key, (autograd, numerical) in result.items():
+        assert autograd == pytest.approx(numerical, rel=1e-5, abs=1e-7), key
+        assert abs(numerical) > 1e-3, f"{key} does not change the output"
+
+
+@pytest.mark.parametrize("name", NEW_MIXERS)
+def test_unified_model_any_size_forward_backward(name: str) -> None:
+    cfg = tokenmixers.ModelCfg(name, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), heads=(1, 2, 4, 8))
+    model = tokenmixers.UnifiedNet(cfg, num_classes=5)
+    out = model(torch.randn(2, 3, 37, 53))  # stage maps 9x13 ... 1x1
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.no_weight_decay() <= dict(model.named_parameters()).keys()
+    with torch.device("meta"):  # what the budget fitter does: shapes only
+        macs = count_macs(tokenmixers.UnifiedNet(cfg))
+    assert macs["macs_paper"] > 0 and macs["macs"] > 0
+
+
+@pytest.mark.parametrize("name", NEW_MIXERS)
+def test_unknown_option_is_clear(name: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown option.*'bogus'.*for mixer '{name}'; accepted options"):
+        create_mixer(name, 32, bogus=1)
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("pool", {"pool_size": 4}, "pool_size must be a positive odd number"),
+    ],
+)
+def test_bad_options(name: str, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_mixer(name, 32, **options)
+
+
+# -- published shapes and defaults --------------------------------------------------------------------------
+
+
+def test_pool_has_no_parameters() -> None:
+    m = create_mixer("pool", 8)
+    assert not list(m.parameters())
+    assert torch.equal(m(torch.randn(2, 1, 1, 8)), torch.zeros(2, 1, 1, 8))  # a lone pixel is its own average
