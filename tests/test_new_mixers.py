@@ -1,6 +1,8 @@
-"""Mixers published after the paper (PoolFormer's pooling),
+"""Mixers published after the paper (PoolFormer's pooling and FocalNet's focal modulation),
 each against a naive reference written from the paper's equations."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -13,11 +15,36 @@ from tokenmixers.mixers import create_mixer, get_mixer, list_mixers, mixer_optio
 from .conftest import randomised
 from .reference import derivatives
 
-NEW_MIXERS = ("pool",)
+NEW_MIXERS = ("pool", "focal")
 SIZES = [(1, 1), (5, 7), (13, 9)]
 
 
 # -- the equations, written out (float64, one sample (H, W, C) at a time) -------------------------------
+
+
+def gelu(t: torch.Tensor) -> torch.Tensor:
+    """Exact GELU: ``t * Phi(t)``."""
+    return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
+
+
+def linear(t: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """``t W^T + b``."""
+    return t @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+
+
+def depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``out[i, j, c] = sum_ab w[c, a, b] x[i + a - k//2, j + b - k//2, c] (+ b[c])``, zero outside the map."""
+    H, W, _ = x.shape
+    k = weight.shape[-1]
+    out = torch.zeros_like(x)
+    for a in range(k):
+        for b in range(k):
+            di, dj = a - k // 2, b - k // 2
+            rows, cols = range(max(0, -di), min(H, H - di)), range(max(0, -dj), min(W, W - dj))
+            if len(rows) and len(cols):
+                src = x[rows.start + di : rows.stop + di, cols.start + dj : cols.stop + dj]
+                out[rows.start : rows.stop, cols.start : cols.stop] += weight[:, 0, a, b] * src
+    return out if bias is None else out + bias
 
 
 def naive_pool(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -32,9 +59,25 @@ def naive_pool(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-NAIVE = {"pool": naive_pool}
+def naive_focal(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """FocalNet eq. (focal modulation): gated sum of L depth-wise levels and a global level, then q * h(.)."""
+    C, L = m.dim, m.focal_level
+    proj = linear(x, m.f)
+    q, ctx, gates = proj[..., :C], proj[..., C : 2 * C], proj[..., 2 * C :]
+    ctx_all = 0
+    for level in range(L):
+        ctx = gelu(depthwise(ctx, m.focal_layers[level].weight, None))
+        ctx_all = ctx_all + ctx * gates[..., level : level + 1]
+    ctx_all = ctx_all + gelu(ctx.mean((0, 1))) * gates[..., L:]
+    if m.normalize_modulator:
+        ctx_all = ctx_all / (L + 1)
+    return linear(q * linear(ctx_all, m.h), m.proj)
+
+
+NAIVE = {"pool": naive_pool, "focal": naive_focal}
 OPTIONS = {
     "pool": [{}, {"pool_size": 5}],
+    "focal": [{}, {"focal_level": 3, "normalize_modulator": True}, {"focal_window": 5, "focal_factor": 4}],
 }
 CASES = [(name, options) for name in NEW_MIXERS for options in OPTIONS[name]]
 TINY_OPTIONS: dict[str, dict] = {}
@@ -120,6 +163,8 @@ def test_unknown_option_is_clear(name: str) -> None:
     "name, options, message",
     [
         ("pool", {"pool_size": 4}, "pool_size must be a positive odd number"),
+        ("focal", {"focal_level": 0}, "focal_level must be >= 1"),
+        ("focal", {"focal_factor": 1}, r"give kernels \[3, 4\]; every kernel must be a positive odd number"),
     ],
 )
 def test_bad_options(name: str, options: dict, message: str) -> None:
@@ -134,3 +179,10 @@ def test_pool_has_no_parameters() -> None:
     m = create_mixer("pool", 8)
     assert not list(m.parameters())
     assert torch.equal(m(torch.randn(2, 1, 1, 8)), torch.zeros(2, 1, 1, 8))  # a lone pixel is its own average
+
+
+def test_focal_defaults_are_focalnet_srf() -> None:
+    m = create_mixer("focal", 96)
+    assert m.kernel_sizes == [3, 5] and m.f.out_features == 2 * 96 + 3 and m.f.bias is not None
+    assert create_mixer("focal", 96, focal_level=3).kernel_sizes == [3, 5, 7]  # "lrf"
+    assert all(conv.bias is None for conv in m.focal_layers)

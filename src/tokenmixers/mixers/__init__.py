@@ -119,11 +119,12 @@ def create_mixer(name: str, dim: int, num_heads: int = 1, block_index: int = 0, 
 
 
 # Built-in mixers register themselves on import.
-# pool was published after the paper and has no model families yet
+# focal and pool were published after the paper and have no model families yet
 from . import (  # noqa: E402,F401
     dcnv3,
     dwconv,
     dyn_dwconv,
+    focal,
     halo,
     idyn_dwconv,
     pool,
