@@ -1,4 +1,4 @@
-"""Mixers published after the paper (PoolFormer's pooling and FocalNet's focal modulation),
+"""Mixers published after the paper (PoolFormer's pooling, FocalNet's focal modulation and MambaOut's Gated CNN),
 each against a naive reference written from the paper's equations."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tokenmixers.mixers import create_mixer, get_mixer, list_mixers, mixer_optio
 from .conftest import randomised
 from .reference import derivatives
 
-NEW_MIXERS = ("pool", "focal")
+NEW_MIXERS = ("pool", "focal", "gated_cnn")
 SIZES = [(1, 1), (5, 7), (13, 9)]
 
 
@@ -74,10 +74,19 @@ def naive_focal(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return linear(q * linear(ctx_all, m.h), m.proj)
 
 
-NAIVE = {"pool": naive_pool, "focal": naive_focal}
+def naive_gated_cnn(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MambaOut: ``fc2(GELU(g) * [i, dwconv(c)])``, c the last ``conv_channels`` of the value half."""
+    hidden, rest, conv = m.split_sizes
+    y = linear(x, m.fc1)
+    g, i, c = y[..., :hidden], y[..., hidden : hidden + rest], y[..., hidden + rest :]
+    return linear(gelu(g) * torch.cat([i, depthwise(c, m.conv.weight, m.conv.bias)], -1), m.fc2)
+
+
+NAIVE = {"pool": naive_pool, "focal": naive_focal, "gated_cnn": naive_gated_cnn}
 OPTIONS = {
     "pool": [{}, {"pool_size": 5}],
     "focal": [{}, {"focal_level": 3, "normalize_modulator": True}, {"focal_window": 5, "focal_factor": 4}],
+    "gated_cnn": [{}, {"kernel_size": 3, "conv_ratio": 0.5, "expansion_ratio": 2.0}],
 }
 CASES = [(name, options) for name in NEW_MIXERS for options in OPTIONS[name]]
 TINY_OPTIONS: dict[str, dict] = {}
@@ -165,6 +174,8 @@ def test_unknown_option_is_clear(name: str) -> None:
         ("pool", {"pool_size": 4}, "pool_size must be a positive odd number"),
         ("focal", {"focal_level": 0}, "focal_level must be >= 1"),
         ("focal", {"focal_factor": 1}, r"give kernels \[3, 4\]; every kernel must be a positive odd number"),
+        ("gated_cnn", {"kernel_size": 6}, "kernel_size must be a positive odd number"),
+        ("gated_cnn", {"conv_ratio": 3.0}, "need 1 <= conv channels <= hidden channels"),
     ],
 )
 def test_bad_options(name: str, options: dict, message: str) -> None:
@@ -186,3 +197,11 @@ def test_focal_defaults_are_focalnet_srf() -> None:
     assert m.kernel_sizes == [3, 5] and m.f.out_features == 2 * 96 + 3 and m.f.bias is not None
     assert create_mixer("focal", 96, focal_level=3).kernel_sizes == [3, 5, 7]  # "lrf"
     assert all(conv.bias is None for conv in m.focal_layers)
+
+
+def test_gated_cnn_splits_as_mambaout() -> None:
+    m = create_mixer("gated_cnn", 96)
+    assert m.split_sizes == (256, 160, 96)  # hidden = int(8/3 * 96): g, i, c
+    hidden, conv = 256, 96
+    expected = (96 * 2 * hidden + 2 * hidden) + (conv * 49 + conv) + (hidden * 96 + 96)
+    assert sum(p.numel() for p in m.parameters()) == expected

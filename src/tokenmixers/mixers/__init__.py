@@ -119,12 +119,13 @@ def create_mixer(name: str, dim: int, num_heads: int = 1, block_index: int = 0, 
 
 
 # Built-in mixers register themselves on import.
-# focal and pool were published after the paper and have no model families yet
+# focal, gated_cnn and pool were published after the paper and have no model families yet
 from . import (  # noqa: E402,F401
     dcnv3,
     dwconv,
     dyn_dwconv,
     focal,
+    gated_cnn,
     halo,
     idyn_dwconv,
     pool,
