@@ -1,5 +1,5 @@
-"""Mixers published after the paper (PoolFormer's pooling, FocalNet's focal modulation and MambaOut's Gated CNN),
-each against a naive reference written from the paper's equations."""
+"""Mixers published after the paper: PoolFormer's pooling, FocalNet's focal modulation, VMamba's SS2D and
+MambaOut's Gated CNN, each against a naive reference written from the paper's equations."""
 from __future__ import annotations
 
 import math
@@ -8,14 +8,16 @@ import pytest
 import torch
 
 import tokenmixers
+import tokenmixers.mixers.ss2d as ss2d_module
 from tokenmixers.bench import count_macs
 from tokenmixers.configs import BUILTIN_MIXERS
 from tokenmixers.mixers import create_mixer, get_mixer, list_mixers, mixer_options
+from tokenmixers.mixers.ss2d import selective_scan
 
 from .conftest import randomised
 from .reference import derivatives
 
-NEW_MIXERS = ("pool", "focal", "gated_cnn")
+NEW_MIXERS = ("pool", "focal", "ss2d", "gated_cnn")
 SIZES = [(1, 1), (5, 7), (13, 9)]
 
 
@@ -27,9 +29,21 @@ def gelu(t: torch.Tensor) -> torch.Tensor:
     return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
 
 
+def silu(t: torch.Tensor) -> torch.Tensor:
+    """``t * sigmoid(t)``."""
+    return t / (1 + torch.exp(-t))
+
+
 def linear(t: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     """``t W^T + b``."""
     return t @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+
+
+def layer_norm(t: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """Normalise the last dim (biased variance), then scale and shift."""
+    mean = t.mean(-1, keepdim=True)
+    var = ((t - mean) ** 2).mean(-1, keepdim=True)
+    return (t - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
 
 
 def depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -82,14 +96,37 @@ def naive_gated_cnn(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return linear(gelu(g) * torch.cat([i, depthwise(c, m.conv.weight, m.conv.bias)], -1), m.fc2)
 
 
-NAIVE = {"pool": naive_pool, "focal": naive_focal, "gated_cnn": naive_gated_cnn}
+def naive_ss2d(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """VMamba's SS2D: one selective scan per direction, step by step over an explicit list of pixels."""
+    H, W, _ = x.shape
+    D, N, R = m.d_inner, m.d_state, m.dt_rank
+    xz = linear(x, m.in_proj)
+    u, z = xz[..., :D], xz[..., D:]
+    u = silu(depthwise(u, m.conv2d.weight, m.conv2d.bias))
+    rows = [(i, j) for i in range(H) for j in range(W)]
+    cols = [(i, j) for j in range(W) for i in range(H)]
+    y = torch.zeros(H, W, D, dtype=x.dtype)
+    for k, order in enumerate([rows, cols, rows[::-1], cols[::-1]]):
+        A = -torch.exp(m.A_logs.view(4, D, N)[k])
+        h = torch.zeros(D, N, dtype=x.dtype)
+        for i, j in order:
+            proj = m.x_proj_weight[k] @ u[i, j]
+            dt = torch.log1p(torch.exp(m.dt_projs_weight[k] @ proj[:R] + m.dt_projs_bias[k]))  # softplus
+            B, C = proj[R : R + N], proj[R + N :]
+            h = torch.exp(dt[:, None] * A) * h + (dt * u[i, j])[:, None] * B[None, :]
+            y[i, j] += h @ C + m.Ds.view(4, D)[k] * u[i, j]
+    return linear(layer_norm(y, m.out_norm) * silu(z), m.out_proj)
+
+
+NAIVE = {"pool": naive_pool, "focal": naive_focal, "ss2d": naive_ss2d, "gated_cnn": naive_gated_cnn}
 OPTIONS = {
     "pool": [{}, {"pool_size": 5}],
     "focal": [{}, {"focal_level": 3, "normalize_modulator": True}, {"focal_window": 5, "focal_factor": 4}],
+    "ss2d": [{}, {"d_state": 3, "ssm_ratio": 1.5, "dt_rank": 2, "chunk_size": 4}],
     "gated_cnn": [{}, {"kernel_size": 3, "conv_ratio": 0.5, "expansion_ratio": 2.0}],
 }
 CASES = [(name, options) for name in NEW_MIXERS for options in OPTIONS[name]]
-TINY_OPTIONS: dict[str, dict] = {}
+TINY_OPTIONS = {"ss2d": {"chunk_size": 4}}  # a tiny case with several chunks
 
 
 @pytest.mark.parametrize("name, options", CASES)
@@ -127,7 +164,7 @@ def test_layout_contract_and_precisions(name: str) -> None:
     out = m(x)
     assert out.shape == x.shape and out.dtype == x.dtype
     torch.testing.assert_close(m(x[1:2]), out[1:2], rtol=0, atol=1e-12)  # samples never mix
-    # float32 and bf16 autocast follow float64
+    # float32 and bf16 autocast (SS2D's scan stays float32) follow float64
     m32 = m.float()
     scale = out.abs().max()
     assert (m32(x.float()).double() - out).abs().max() <= 1e-5 * scale
@@ -176,6 +213,9 @@ def test_unknown_option_is_clear(name: str) -> None:
         ("focal", {"focal_factor": 1}, r"give kernels \[3, 4\]; every kernel must be a positive odd number"),
         ("gated_cnn", {"kernel_size": 6}, "kernel_size must be a positive odd number"),
         ("gated_cnn", {"conv_ratio": 3.0}, "need 1 <= conv channels <= hidden channels"),
+        ("ss2d", {"d_conv": 2}, "d_conv must be a positive odd number"),
+        ("ss2d", {"d_state": 0}, "need d_state >= 1"),
+        ("ss2d", {"chunk_size": 0}, "chunk_size must be >= 1"),
     ],
 )
 def test_bad_options(name: str, options: dict, message: str) -> None:
@@ -205,3 +245,77 @@ def test_gated_cnn_splits_as_mambaout() -> None:
     hidden, conv = 256, 96
     expected = (96 * 2 * hidden + 2 * hidden) + (conv * 49 + conv) + (hidden * 96 + 96)
     assert sum(p.numel() for p in m.parameters()) == expected
+
+
+def test_ss2d_initialisation_and_shapes() -> None:
+    m = create_mixer("ss2d", 96)
+    D, N, R = 192, 16, 6  # d_inner = 2C, d_state 16, dt_rank = ceil(96 / 16)
+    assert (m.d_inner, m.d_state, m.dt_rank) == (D, N, R)
+    assert m.in_proj.bias is None and m.out_proj.bias is None and m.conv2d.bias is not None
+    assert m.x_proj_weight.shape == (4, R + 2 * N, D) and m.dt_projs_weight.shape == (4, D, R)
+    assert torch.allclose(-torch.exp(m.A_logs), -torch.arange(1.0, N + 1).expand(4 * D, N))  # S4D-real
+    assert torch.equal(m.Ds, torch.ones(4 * D))
+    dt = torch.nn.functional.softplus(m.dt_projs_bias)
+    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
+    assert m.no_weight_decay() == {"A_logs", "Ds"}
+
+
+# -- SS2D's chunked scan against the sequential recurrence ---------------------------------------------------
+
+
+def naive_scan(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t``, ``y_t = C_t . h_t``, one step at a time."""
+    h = torch.zeros(*A.shape, dtype=u.dtype)  # (S, D, N)
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, 1)
+
+
+def _scan_inputs(L: int, dt_scale: float = 1.0, S: int = 3, D: int = 4, N: int = 3) -> list[torch.Tensor]:
+    """Random float64 scan inputs that require grad: ``u, dt, A, B, C``."""
+    return [
+        t.requires_grad_()
+        for t in (
+            torch.randn(S, L, D, dtype=torch.float64),
+            dt_scale * torch.nn.functional.softplus(torch.randn(S, L, D, dtype=torch.float64)),
+            -3 * torch.rand(S, D, N, dtype=torch.float64),
+            torch.randn(S, L, N, dtype=torch.float64),
+            torch.randn(S, L, N, dtype=torch.float64),
+        )
+    ]
+
+
+@pytest.mark.parametrize("L, chunk", [(1, 4), (7, 1), (7, 3), (50, 8), (63, 7), (64, 16), (65, 16), (130, 64)])
+def test_chunked_scan_and_its_backward_match_the_recurrence(L: int, chunk: int) -> None:
+    inputs = _scan_inputs(L)
+    ours, expected = selective_scan(*inputs, chunk_size=chunk), naive_scan(*inputs)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)  # measured <= 1e-14
+    w = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, inputs, w), torch.autograd.grad(expected, inputs, w)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * max(1.0, b.abs().max().item()))
+
+
+def test_scan_never_overflows_on_strong_decays(monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = _scan_inputs(200, dt_scale=40.0)  # |dt * A| up to ~500 per step, 10^4 and more per chunk
+    monkeypatch.setattr(ss2d_module, "GROUP_ELEMENTS", {"cpu": 1})  # and one sequence at a time
+    ours, expected = selective_scan(*inputs, chunk_size=64), naive_scan(*inputs)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(ours.sum(), inputs)
+    assert all(torch.isfinite(g).all() for g in grads)
+    for a, b in zip(grads, torch.autograd.grad(expected.sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_scan_groups_of_sequences_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = _scan_inputs(37, S=5)
+    w = torch.randn(5, 37, 4, dtype=torch.float64)
+    results = []
+    for elements in (1, 2 * 40 * 4 * 3, 10**9):  # groups of 1, 2 (and a ragged last one), 5 sequences
+        monkeypatch.setattr(ss2d_module, "GROUP_ELEMENTS", {"cpu": elements})
+        y = selective_scan(*inputs, chunk_size=8)  # 5 chunks of 8 steps (40 with padding)
+        results.append([y, *torch.autograd.grad(y, inputs, w)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-13)

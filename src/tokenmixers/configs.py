@@ -17,8 +17,8 @@ SCALES = ("micro", "tiny", "small", "base")
 # the mixers that ship with tokenmixers (their modules register them; listed here so that the command line
 # can name them without importing torch)
 BUILTIN_MIXERS = (
-    "dcnv3", "dwconv", "dyn_dwconv", "focal", "gated_cnn", "halo", "idyn_dwconv", "pool", "sra", "stvit", "swin",
-    "twins",
+    "dcnv3", "dwconv", "dyn_dwconv", "focal", "gated_cnn", "halo", "idyn_dwconv", "pool", "sra", "ss2d", "stvit",
+    "swin", "twins",
 )
 BLOCK_STYLES = ("transformer", "convnext")
 POS_EMBEDS = (None, "absolute", "conv")

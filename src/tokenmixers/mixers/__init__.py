@@ -119,7 +119,7 @@ def create_mixer(name: str, dim: int, num_heads: int = 1, block_index: int = 0, 
 
 
 # Built-in mixers register themselves on import.
-# focal, gated_cnn and pool were published after the paper and have no model families yet
+# focal, gated_cnn, pool and ss2d were published after the paper and have no model families yet
 from . import (  # noqa: E402,F401
     dcnv3,
     dwconv,
@@ -130,6 +130,7 @@ from . import (  # noqa: E402,F401
     idyn_dwconv,
     pool,
     sra,
+    ss2d,
     stvit,
     swin,
     twins,
