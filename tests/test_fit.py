@@ -113,3 +113,12 @@ def test_fit_command_writes_a_family_that_import_registers(tmp_path: Path, capsy
     (tmp_path / "bad.yaml").write_text("family: x\n")
     with pytest.raises(ValueError, match="is not a family file written by `tokenmixers fit --out`"):
         fit.load_family(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("mixer", ["pool", "focal", "ss2d", "gated_cnn"])
+def test_the_mixers_published_after_the_paper_are_fitted_at_all_four_budgets(mixer: str) -> None:
+    # the zoo's configurations of these families are the fitter's, from the skeleton, and inside every envelope
+    for scale in SCALES:
+        registered = zoo.model_cfg(f"unified_{mixer}_{scale}")
+        found = fit.search(mixer, scale, start=fit.skeleton(mixer, scale))
+        assert found.inside and found.cfg == registered, (scale, found)

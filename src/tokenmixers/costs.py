@@ -9,7 +9,9 @@ Two MAC conventions:
   LayerNorms inside blocks and of the head's BatchNorm, 1 per pooled element, ignoring functional products such as
   attention QK^T/AV. (The official stem, downsampling and stage norms were a LayerNorm subclass
   that this convention skipped, so they are skipped here too. The paper's Swin numbers use the
-  full count instead, see the README.)
+  full count instead, see the README.) A module that projects with weights of its own instead of
+  Linear modules counts those products in a ``paper_macs(inputs, output)`` method (SS2D's
+  per-direction projections): they are weights, not data-dependent products like attention's.
 
 Both work on the meta device (shapes only, no arithmetic), which is how the budget fitter counts.
 """
@@ -54,7 +56,8 @@ def _paper_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.
         return 2 * out.numel()
     if isinstance(module, Head) and module.global_pool == "avg":
         return inputs[0][..., :1].numel() * module.hidden_dim  # the average pool
-    return 0
+    own = getattr(module, "paper_macs", None)  # projections a module computes with its own weights, not in modules
+    return own(inputs, out) if own is not None else 0
 
 
 _OUTER_NORM = re.compile(r"^stem\.norm|\.downsample\.norm$|^stages\.\d+\.norm$")

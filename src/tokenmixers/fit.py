@@ -166,13 +166,18 @@ def _total(cfg: ModelCfg) -> Cost:
 # -- the search -----------------------------------------------------------------------------------------------
 
 
+def skeleton(mixer: str, scale: str) -> ModelCfg:
+    """The paper's Halo/Swin skeleton of a scale with another mixer: where a new mixer's search starts."""
+    return ModelCfg(mixer, (1,), (1,)).replace(**configs.SKELETON[scale], norm_eps=1e-6)
+
+
 def start_cfg(mixer: str, scale: str) -> ModelCfg:
     """Where a search starts: the mixer's registered configuration at ``scale``, else the paper's skeleton."""
     for family in zoo.FAMILIES.values():
         cfg = family.configs.get(scale)
         if cfg is not None and cfg.mixer == mixer:
             return cfg
-    return ModelCfg(mixer, (1,), (1,)).replace(**configs.SKELETON[scale], norm_eps=1e-6)
+    return skeleton(mixer, scale)
 
 
 def _with_width(cfg: ModelCfg, k: int) -> ModelCfg:
@@ -295,5 +300,5 @@ def load_family(path: Union[str, Path]) -> Family:
     return zoo.register(family)
 
 
-__all__ = ["Budget", "budget", "measure_budget", "Fitted", "search", "fit_budget", "fit_family", "start_cfg", "save_family",
+__all__ = ["Budget", "budget", "measure_budget", "Fitted", "search", "fit_budget", "fit_family", "start_cfg", "skeleton", "save_family",
            "load_family"]

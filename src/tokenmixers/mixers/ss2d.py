@@ -90,7 +90,8 @@ def _forward(
     """``y_t = C_t . h_t`` for one group of sequences (see :func:`selective_scan`)."""
     dt_, u_, B_, C_ = (_chunked(t, chunk) for t in (dt, u, B, C))
     h = (dt_ * u_).unsqueeze(-1) * B_.unsqueeze(-2)  # (S, n, chunk, D, N): dt_t B_t u_t
-    _scan_(h, _decays(dt_, A), dt_, A)
+    if h.device.type != "meta":  # on meta (cost counting) the element-wise steps change no shape, count no product
+        _scan_(h, _decays(dt_, A), dt_, A)
     return torch.einsum("sctdn,sctn->sctd", h, C_).flatten(1, 2)[:, : u.shape[1]]
 
 
@@ -266,6 +267,16 @@ class SS2D(TokenMixer):
     def no_weight_decay(self) -> set[str]:
         """``A_log`` and ``D`` are not decayed (as in VMamba)."""
         return {"A_logs", "Ds"}
+
+    def paper_macs(self, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> int:
+        """MACs of the per-direction projections (``x_proj``, ``dt_proj``), weights that are not Linear modules.
+
+        The paper's convention counts projections with weights and leaves out data-dependent products
+        (attention's QK^T and AV there, the scan here); ``tokenmixers.costs`` calls this.
+        """
+        tokens = out.numel() // out.shape[-1]  # B * H * W
+        per_direction = self.d_inner * (self.dt_rank + 2 * self.d_state) + self.dt_rank * self.d_inner
+        return DIRECTIONS * tokens * per_direction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``."""
