@@ -146,12 +146,12 @@ def compare(
         top1, acc5 = accuracy(correct[name]), accuracy((top5 == labels[:, None]).any(-1))
         model = create_model(name)
         macs = count_macs(model, (bench_size, bench_size))
-        scale = scale_of(name)
-        paper_macs = count_macs(model)["macs_paper"] if (bench_size, bench_size) != (224, 224) else macs["macs_paper"]
+        scale = scale_of(name)  # a model with a scale is measured against that scale's budget, at 224 (on meta: fast)
+        paper_macs = count_macs(create_model(name, device="meta"))["macs_paper"] if scale else None
         speed = measure_speed(model, batch_size=bench_batch, input_size=(bench_size, bench_size), iters=3)
         rows.append({
             "model": name, "mixer": getattr(model, "mixer", type(model).__name__), "params_m": count_params(model) / 1e6,
-            "macs_g": macs["macs"] / 1e9, "throughput": speed["throughput"], "macs_paper_224_g": paper_macs / 1e9,
+            "macs_g": macs["macs"] / 1e9, "throughput": speed["throughput"], "macs_paper_224_g": paper_macs / 1e9 if scale else None,
             "budget": str(budget(scale)).split(": ", 1)[1] if scale else None,
             "inside_budget": budget(scale).inside(count_params(model), paper_macs) if scale else None,
             "fitted": dict(fitted[name].changed) if name in fitted else None,
@@ -206,6 +206,10 @@ def _paper_top1(name: str) -> str:
     """The ImageNet-1k top-1 (%) reported for a model's official weights, or a dash."""
     top1 = reported_top1(name)
     return f"{top1:.1f}" if top1 is not None else "–"
+
+
+def _number(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def _short(name: str) -> str:
@@ -266,7 +270,7 @@ def _write_report(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], outpu
         inside = {True: "yes", False: "**no**", None: "–"}[r["inside_budget"]]
         cost_table.append(f"| {r['model']} | {r['mixer']} | {r['params_m']:.2f} | {r['macs_g']:.2f} | "
                           f"{r['throughput']:.1f} | {r['train_time_s']:.0f} | {r['train_img_s']:.0f} | "
-                          f"{r['macs_paper_224_g']:.2f} | {r['budget'] or '–'} | {inside} |")
+                          f"{_number(r['macs_paper_224_g'])} | {r['budget'] or '–'} | {inside} |")
     fitted_notes = [f"- {r['model']} was placed at the paper's budget first: "
                     + (", ".join(f"{k}={v}" for k, v in r["fitted"].items()) or "its configuration was already inside")
                     + ("." if r["inside_budget"] else "; no setting the search tried lands inside, this is the closest.")
