@@ -26,6 +26,19 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# the longest tests (seconds each, on 2 cores): started first, so that the short ones fill both workers' last minutes
+SLOW_FIRST = ("test_micro_detector_learns_the_nuclei", "test_invariance_under_torchrun_counts_each_image_once",
+              "test_two_process_torchrun_matches_one_process", "test_compare_reports_intervals_and_noise",
+              "test_torchrun_evaluates_every_image_once", "test_the_mixers_published_after_the_paper_are_fitted",
+              "test_compare_published_twins_and_unified", "test_sigkill_mid_epoch_then_resume_is_exact",
+              "test_the_task_trains_on_two_processes_launched_as_slurm_does")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the slowest tests first (a stable sort: the rest keep their order)."""
+    items.sort(key=lambda item: not item.name.startswith(SLOW_FIRST))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
@@ -87,6 +100,23 @@ def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
         code = exit_.code if isinstance(exit_.code, int) else 1
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def signal_after_step(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
+    """Send this process ``signum`` right after the run's ``step``-th optimizer step (a scheduler stopping the job).
+
+    Sent from inside the run, so it always lands while the run can save (a watcher thread could be late).
+    """
+    from tokenmixers import runs
+
+    original = runs._Run.optimizer_step
+
+    def step_then_signal(self: runs._Run) -> None:
+        original(self)
+        if self.progress.step + 1 == step:  # the engine counts the step right after this call
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(runs._Run, "optimizer_step", step_then_signal)
 
 
 def free_port() -> str:

@@ -1,13 +1,10 @@
 """The command line, in process: every failure a user can reach is one clear paragraph with exit code 2."""
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 import tokenmixers_cli
 from tokenmixers.data import DataError
 
-from .conftest import QUICK, SHARED, cli
+from .conftest import QUICK, SHARED, cli, signal_after_step
 
 TRAIN = ["train", "--recipe", "digits"] + [f"{k}={v}" for k, v in QUICK.items()]
 
@@ -178,19 +175,9 @@ def test_an_interrupted_comparison_continues_with_the_command_it_names(tmp_path:
     argv = ["compare", "unified_convnext_micro", "--recipe", "digits", "--output", str(out), "--bench-size", "32",
             "--bench-batch", "2", "--set", "epochs=1", "max_steps_per_epoch=3", "batch_size=16", "workers=0", "log_every=1"]
     log = out / "unified_convnext_micro" / "seed0" / "log.txt"
-
-    def stop() -> None:
-        deadline = time.time() + 120
-        while not (log.is_file() and "step 1:" in log.read_text()):
-            if time.time() > deadline:
-                return  # never signal a process that is no longer training: it would not save, just die
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    watcher = threading.Thread(target=stop, daemon=True)
-    watcher.start()
-    code, _, err = cli(capsys, *argv)
-    watcher.join()
+    with pytest.MonkeyPatch.context() as patch:
+        signal_after_step(patch, 1, signal.SIGTERM)
+        code, _, err = cli(capsys, *argv)
     assert code == 128 + signal.SIGTERM, err
     hint = _hint(err)
     assert hint == argv and "--resume" not in err  # a plain re-run continues: compare has no --resume

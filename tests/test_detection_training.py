@@ -6,8 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from tokenmixers.detection.task import Detection, param_groups
 from tokenmixers.detection.task import train as train_detector
 from tokenmixers.runs import Interrupted, StepSchedule
 
-from .conftest import SHARED, cli, free_port
+from .conftest import SHARED, cli, free_port, signal_after_step
 
 NUCLEI = SHARED / "data" / "coco-nuclei"
 # the smoke recipe (a micro detector at the tiles' own 256 px, one image per step), evaluated on the training tiles
@@ -50,28 +48,15 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model"]
 
 
-def _stop_at(log: Path, line: str) -> threading.Thread:
-    """A watcher that sends this process SIGTERM once ``line`` appears in a run's log (a scheduler stopping the job)."""
-    def watch() -> None:
-        while not (log.is_file() and line in log.read_text()):
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_stopped_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
     quick = {**MICRO, "min_size": [128], "max_size": 128, "test_size": 128, "fpn_channels": 32,
              "rois_per_image": 32, "eval_every": 1, "epochs": 2}  # 3 steps per epoch
     straight = train_detector("smoke", {**quick, "output": str(tmp_path / "straight")})
-    watcher = _stop_at(tmp_path / "stopped" / "log.txt", "step 4:")
-    with pytest.raises(Interrupted) as stopped:
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Interrupted) as stopped:
+        signal_after_step(patch, 4, signal.SIGTERM)
         train_detector("smoke", {**quick, "output": str(tmp_path / "stopped")})
-    watcher.join()
-    # the signal lands during step 4 or 5 (the log line is written after a step): inside epoch 1 either way
-    assert stopped.value.epoch == 1 and stopped.value.step in (4, 5) and stopped.value.exit_code == 128 + signal.SIGTERM
+    # saved right after step 4: inside epoch 1 (3 steps an epoch)
+    assert (stopped.value.epoch, stopped.value.step, stopped.value.exit_code) == (1, 4, 128 + signal.SIGTERM)
     with pytest.raises(ValueError, match="already holds a"):
         train_detector("smoke", {**quick, "output": str(tmp_path / "stopped")})
     resumed = train_detector("smoke", {**quick, "resume": "auto", "output": str(tmp_path / "stopped")})

@@ -350,7 +350,7 @@ def _tiny_image_folder(root: Path, per_class: dict[str, int]) -> Path:
 
 def test_compare_published_twins_and_unified(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = _tiny_image_folder(tmp_path / "data", {"train": 8, "val": 2})
-    models = ["dwnet_tiny", "twins_svt_small", "twins_pcpvt_small", "unified_dyn_dwconv_micro"]
+    models = ["dwnet_tiny", "twins_svt_small"]  # a published architecture of ours and timm's
     code, _, err = cli(capsys, "compare", *models, "--output", str(tmp_path / "out"), "--bench-size", "64",
                        "--bench-batch", "2", "--set", f"data={data}", "epochs=1", "max_steps_per_epoch=2",
                        "batch_size=8", "ema=false", "opt=sgd", "workers=0", "threads=1")

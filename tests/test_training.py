@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from tokenmixers.hub import load_pretrained
 from tokenmixers.recipe import RecipeError
 from tokenmixers.runs import RunError, resolve_workers
 
-from .conftest import QUICK, SHARED, cli, free_port
+from .conftest import QUICK, SHARED, cli, free_port, signal_after_step
 
 
 def _cli(*args: str) -> list[str]:
@@ -301,29 +300,15 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path, capsys: pytest.C
     _resume_and_compare(capsys, out, reference, resume_args)
 
 
-def _signal_at_first_step(out: Path, signum: int) -> threading.Thread:
-    """A watcher that sends this process ``signum`` once the run in ``out`` has logged its first step."""
-    def watch() -> None:
-        log = out / "log.txt"
-        deadline = time.time() + 300
-        while time.time() < deadline and not (log.is_file() and "epoch 0, batch 1/8, step 1:" in log.read_text()):
-            time.sleep(0.01)
-        os.kill(os.getpid(), signum)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT])  # SIGTERM takes the same path: tests/test_engine.py sends it
 def test_interrupt_saves_and_tells_how_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture, reference: Path,
                                                  resume_args: list[str], signum: int) -> None:
     # Ctrl-C (SIGINT) and a scheduler's SIGTERM, delivered to the process running the command: save at the next step
     # boundary, one line, then resume exactly
     out = tmp_path / "run"
-    watcher = _signal_at_first_step(out, signum)
-    code, _, err = cli(capsys, "train", "--recipe", "digits", f"output={out}", *resume_args)
-    watcher.join()
+    with pytest.MonkeyPatch.context() as patch:
+        signal_after_step(patch, 1, signum)
+        code, _, err = cli(capsys, "train", "--recipe", "digits", f"output={out}", *resume_args)
     assert code == 128 + signum, err
     name = signal.Signals(signum).name
     message = [line for line in err.splitlines() if line.startswith("tokenmixers train:")]
