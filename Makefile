@@ -6,13 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test demo bench clean
 
-# pip would byte-compile every installed file, one at a time (about a minute). Instead the commands below let
-# Python write the bytecode of what they import, once, into .venv: where PYTHONDONTWRITEBYTECODE is set, every
-# process would otherwise compile torch again (5 s).
+# pip would byte-compile every installed file, one at a time (about a minute). Instead one process imports what
+# the commands and tests use and writes its bytecode into .venv (13 s), and the commands below may write the rest:
+# where PYTHONDONTWRITEBYTECODE is set, every process would otherwise compile torch again (5 s), and the test
+# suite's processes would each compile it at once.
 RUN := PYTHONDONTWRITEBYTECODE=
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e ".[dev]"
+	$(RUN) $(BIN)/python -c "import tokenmixers.compare, tokenmixers.detection.task, tokenmixers.analysis.erf, \
+		tokenmixers.analysis.invariance, tokenmixers_cli, torch.distributed.run, torch.utils.tensorboard, \
+		sklearn.datasets, pytest, xdist"
 	touch $(STAMP)
 
 install: $(STAMP)
