@@ -122,11 +122,13 @@ class _Design:
     """The costs of one width and option setting, for any depths: measured once on the meta device."""
 
     def __init__(self, cfg: ModelCfg) -> None:
-        probe = cfg.replace(depths=(_PROBE_DEPTH,) * len(cfg.depths))
+        # block 1 is special only when it carries the position encoding; otherwise block 3 costs what block 1 does
+        depth = _PROBE_DEPTH if cfg.pos_embed is not None and cfg.pos_embed_blocks == 1 else _PROBE_DEPTH - 1
         with torch.device("meta"):
-            parts = costs_by_block(UnifiedNet(probe))
+            parts = costs_by_block(UnifiedNet(cfg.replace(depths=(depth,) * len(cfg.depths))))
         self.rest: Cost = parts.get("rest", (0, 0))
-        self.blocks = [[parts.get((s, b), (0, 0)) for b in range(_PROBE_DEPTH)] for s in range(len(cfg.depths))]
+        self.blocks = [[parts.get((s, b - 2 if b >= depth else b), (0, 0))
+                        for b in range(_PROBE_DEPTH)] for s in range(len(cfg.depths))]
         self.stage_costs: list[list[Cost]] = [[(0, 0)] for _ in cfg.depths]  # stage s at depth d: [s][d]
 
     def stage(self, s: int, depth: int) -> Cost:
