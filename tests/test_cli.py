@@ -187,9 +187,12 @@ def test_an_interrupted_comparison_continues_with_the_command_it_names(tmp_path:
 
 
 def test_a_classification_checkpoint_given_to_detect_eval_names_the_working_command(
-        trained: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tokenmixers import create_model, save_pretrained
+
     nuclei = SHARED / "data" / "coco-nuclei"
-    code, _, err = cli(capsys, "detect", "eval", "--checkpoint", str(trained[0] / "last.pth"), "--data", str(nuclei))
+    classifier = save_pretrained(create_model("unified_convnext_micro", num_classes=10), tmp_path / "classifier")
+    code, _, err = cli(capsys, "detect", "eval", "--checkpoint", str(classifier), "--data", str(nuclei))
     _one_paragraph(code, err, "is a classification checkpoint", "tokenmixers detect train --model "
                    "unified_convnext_micro --data <coco-folder> backbone_weights=")
     hint = [str(nuclei) if part == "<coco-folder>" else part for part in _hint(err)]

@@ -28,11 +28,11 @@ def test_quick_tour_runs() -> None:
     assert ns["logits"].shape == (2, 10)  # (batch, num_classes) at an odd, non-square size
     assert torch.isfinite(ns["logits"]).all()
 
-    # "stage maps at strides 4/8/16/32 (NCHW)" of 512x640; DCNv3-T (InternImage-T) widths 64/128/256/512
+    # "stage maps at strides 4/8/16/32 (NCHW)" of 256x320; DCNv3-T (InternImage-T) widths 64/128/256/512
     readme('backbone = timm.create_model("unified_dcn_v3_tiny", features_only=True, out_indices=(0, 1, 2, 3))')
-    readme("c2, c3, c4, c5 = backbone(torch.randn(1, 3, 512, 640))")
+    readme("c2, c3, c4, c5 = backbone(torch.randn(1, 3, 256, 320))")
     assert [tuple(ns[c].shape) for c in ("c2", "c3", "c4", "c5")] == [
-        (1, 64, 128, 160), (1, 128, 64, 80), (1, 256, 32, 40), (1, 512, 16, 20)]
+        (1, 64, 64, 80), (1, 128, 32, 40), (1, 256, 16, 20), (1, 512, 8, 10)]
 
     # Halo-T (widths 96/192/384/768) on 224x224: the four stage maps at strides 4..32, final = the last stage's
     readme("final, stages = model.forward_intermediates(torch.randn(1, 3, 224, 224))")

@@ -379,14 +379,14 @@ def load_detector(
     """
     read = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, entry)
     config = read.model_config
-    name = model or config.get("model") or read.run.get("model")
+    name = model or read.model_name
+    if not holds_detector(read):
+        raise ValueError(f"{read.path} holds no detector (no box predictor): it is a classification checkpoint. "
+                         f"To train a detector from it: tokenmixers detect train --model {name or '<model>'} "
+                         f"--data <coco-folder> backbone_weights={read.path}")
     if name is None:
         raise ValueError(f"{read.path} does not say which backbone it was trained with: pass the model name "
                          "(e.g. model='unified_halo_tiny', command line --model)")
-    if not holds_detector(read):
-        raise ValueError(f"{read.path} holds no detector (no box predictor): it is a classification checkpoint. "
-                         f"To train a detector from it: tokenmixers detect train --model {name} --data <coco-folder> "
-                         f"backbone_weights={read.path}")
     options = {k: config[k] for k in ("variant", "max_size", "rois_per_image", "fpn_channels", "anchor_scale")
                if k in config}
     if "min_size" in config:
