@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenmixers import data
+from tokenmixers import data, drawing
 from tokenmixers.detection import predict
 from tokenmixers.detection.data import CocoDetection
 
@@ -105,7 +105,7 @@ def test_labels_stay_inside_the_image_and_do_not_pile_up() -> None:
 
 def test_every_input_gets_its_own_output_file(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    names = lambda images: [p.name for p in predict.output_paths(images, out)]  # noqa: E731
+    names = lambda images: [p.name for p in drawing.output_paths(images, out)]  # noqa: E731
     assert names(["a/x.png", "a/y.jpg"]) == ["x_detections.png", "y_detections.png"]  # unique stems: as before
     assert names(["x.png", "x.jpg", "y.png"]) == ["x_png_detections.png", "x_jpg_detections.png", "y_detections.png"]
     assert names(["a/x.png", "b/x.png"]) == ["a_x_png_detections.png", "b_x_png_detections.png"]
@@ -114,9 +114,9 @@ def test_every_input_gets_its_own_output_file(tmp_path: Path) -> None:
     assert names(["x.png", "x.jpg", "x.png"]) == ["x_png_detections.png", "x_jpg_detections.png",
                                                   "x_png_detections_2.png"]
     assert names(["x.png", "X.png"]) == ["x_detections.png", "X_detections_2.png"]  # one file where case is ignored
-    assert predict.output_paths(["a/x.png", "b/x.png"], out)[0].parent == out
-    assert predict.output_paths(["x.png"], tmp_path / "drawn.png") == [tmp_path / "drawn.png"]
-    assert predict.output_paths(["x.png"], out) == [out / "x_detections.png"]
+    assert drawing.output_paths(["a/x.png", "b/x.png"], out)[0].parent == out
+    assert drawing.output_paths(["x.png"], tmp_path / "drawn.png") == [tmp_path / "drawn.png"]
+    assert drawing.output_paths(["x.png"], out) == [out / "x_detections.png"]
 
 
 def test_an_image_too_large_to_read_safely_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,13 +1,17 @@
-"""COCO results and AP with pycocotools: detections as result records, AP of records against a ground truth.
+"""COCO with pycocotools: finding and reading a COCO-format folder, detections as result records, AP of records
+against a ground truth.
 
-Shared by detection (evaluation) and the analyses (scale invariance); it knows no model.
+Shared by detection, segmentation (COCO instance sets as semantic maps) and the analyses (scale
+invariance); it knows no model.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import io
+import json
 import warnings
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -15,6 +19,8 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from .data import DataError
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -25,6 +31,44 @@ def quiet_pycocotools() -> Iterator[None]:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
         yield
+
+
+def find_split(root: Path, split: str) -> tuple[Path, Path]:
+    """The annotation file and image folder of a COCO-format folder's split, or a DataError listing where it looked.
+
+    ``root/instances_<split>.json`` or ``root/annotations/instances_<split>[2017].json``; images under
+    ``root/images/``, ``root/<split>/`` or ``root/<split>2017/``.
+    """
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    candidates = [root / f"instances_{split}.json", root / "annotations" / f"instances_{split}.json",
+                  root / "annotations" / f"instances_{split}2017.json"]
+    annotations = next((p for p in candidates if p.is_file()), None)
+    if annotations is None:
+        raise DataError(f"{root} has no annotation file for the {split!r} split; looked for "
+                        + ", ".join(str(p) for p in candidates))
+    folders = [root / "images", root / split, root / f"{split}2017"]
+    images = next((p for p in folders if p.is_dir()), None)
+    if images is None:
+        raise DataError(f"{root} has no image folder for the {split!r} split; looked for "
+                        + ", ".join(str(p) for p in folders))
+    return annotations, images
+
+
+def load_coco(annotations: Path) -> Any:
+    """A pycocotools ``COCO`` index of an annotation file (its index messages silenced)."""
+    try:
+        data = json.loads(annotations.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{annotations} is not a readable COCO annotation file: {err}") from None
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing or not isinstance(data.get("images"), list):
+        raise DataError(f"{annotations} lacks the COCO key(s) {missing or ['images']} (instances format expected)")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def to_records(output: dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int],

@@ -4,9 +4,10 @@ The official models are Swin-shaped: ``patch_embed.*``, ``layers.<s>.blocks.<i>.
 branch as ``attn2conv.*`` (``conv0``/``bn0``, the spatial op ``conv`` — a static depth-wise conv,
 a ``DynamicDWConv`` or an ``IDynamicDWConv`` — then ``bn``, ``conv2``/``bn2``), the pre-MLP
 BatchNorm as ``bn``, patch merging at the *end* of stage ``s`` as ``layers.<s>.downsample.*``,
-then ``norm.*`` and ``head.*``. This module renames every entry onto :mod:`tokenmixers.models.dwnet`
-(patch merging opens stage ``s + 1``, the final norm closes the last stage); 1x1 conv weights are
-reshaped to Linear weights by the loader. ``num_batches_tracked`` is dropped.
+then ``norm.*`` and ``head.*``; the dense (mmseg / mmdet) backbone drops those two and adds a
+BatchNorm ``norm<i>.*`` on each output (here ``out_norms.<i>.*``). This module renames every entry
+onto :mod:`tokenmixers.models.dwnet` (patch merging opens stage ``s + 1``, the final norm closes the
+last stage); 1x1 conv weights are reshaped to Linear weights by the loader. ``num_batches_tracked`` is dropped.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import re
 import torch
 
 _RENAMES: tuple[tuple[str, object], ...] = (
+    (r"^norm(\d+)\.", r"out_norms.\1."),  # the dense (segmentation / detection) backbone's output norms
     (r"^patch_embed\.", "stem."),
     (r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample."),
     (r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),

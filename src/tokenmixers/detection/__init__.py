@@ -4,7 +4,7 @@
 >>> backbone = create_backbone("unified_halo_tiny")          # (B, 3, H, W) -> four NCHW maps
 >>> detector = create_detector("unified_halo_tiny", num_classes=80)
 """
-from .backbone import DetectionBackbone, TimmBackbone, create_backbone, load_imagenet
+from ..dense import DetectionBackbone, TimmBackbone, create_backbone, load_imagenet
 from .detector import Detector, create_detector, holds_detector, load_detector, load_detector_weights, save_detector
 
 __all__ = ["DetectionBackbone", "TimmBackbone", "create_backbone", "load_imagenet", "Detector", "create_detector",

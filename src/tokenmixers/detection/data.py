@@ -23,9 +23,6 @@ Training items are flipped horizontally with probability ``hflip``.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import random
 import warnings
 from pathlib import Path
@@ -33,47 +30,12 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from ..coco import quiet_pycocotools
+from ..coco import find_split, load_coco, quiet_pycocotools
 from ..data import DataError, open_rgb
 
 PathLike = Union[str, Path]
-
-
-def find_split(root: Path, split: str) -> tuple[Path, Path]:
-    """The annotation file and image folder of a split, or a :class:`DataError` listing where it looked."""
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist")
-    candidates = [root / f"instances_{split}.json", root / "annotations" / f"instances_{split}.json",
-                  root / "annotations" / f"instances_{split}2017.json"]
-    annotations = next((p for p in candidates if p.is_file()), None)
-    if annotations is None:
-        raise DataError(f"{root} has no annotation file for the {split!r} split; looked for "
-                        + ", ".join(str(p) for p in candidates))
-    folders = [root / "images", root / split, root / f"{split}2017"]
-    images = next((p for p in folders if p.is_dir()), None)
-    if images is None:
-        raise DataError(f"{root} has no image folder for the {split!r} split; looked for "
-                        + ", ".join(str(p) for p in folders))
-    return annotations, images
-
-
-def load_coco(annotations: Path) -> Any:
-    """A pycocotools ``COCO`` index of an annotation file (its index messages silenced)."""
-    try:
-        data = json.loads(annotations.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{annotations} is not a readable COCO annotation file: {err}") from None
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
-    if missing or not isinstance(data.get("images"), list):
-        raise DataError(f"{annotations} lacks the COCO key(s) {missing or ['images']} (instances format expected)")
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
 
 
 class CocoDetection(Dataset):

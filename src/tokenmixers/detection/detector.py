@@ -1,6 +1,6 @@
 """Mask R-CNN on torchvision with any tokenmixers backbone: mmdetection 2.x's ``mask_rcnn_r50_fpn``.
 
-torchvision's ``GeneralizedRCNN`` with the official detection backbone (:mod:`.backbone`), an FPN of
+torchvision's ``GeneralizedRCNN`` with the official detection backbone (:mod:`tokenmixers.dense`), an FPN of
 256 channels on its four maps plus P6 by max-pooling, and parts set as mmdetection 2.x sets them where
 torchvision's defaults differ in ways that move AP (mmdet value, *torchvision default*):
 
@@ -49,9 +49,9 @@ from torchvision.ops import FeaturePyramidNetwork, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..checkpoint import Checkpoint, CheckpointError, LoadReport, checkpoint_from_mapping, read_checkpoint
+from ..dense import create_backbone
 from ..files import atomic_write, atomic_write_text
 from ..zoo import load_checkpoint
-from .backbone import create_backbone
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FPN_CHANNELS = 256

@@ -5,8 +5,10 @@ Every query attends globally to keys and values computed on a grid reduced by ``
 global multi-head attention.
 
 Any size: a map whose side is not a multiple of ``sr_ratio`` is zero-padded at the bottom/right
-before the reduction (ceil), so every pixel contributes to some key; the official code assumes
-divisible sizes, which is the case at 224x224.
+before the reduction (ceil), so every pixel contributes to some key. The official code assumes
+divisible sizes, which is the case at 224x224; its dense backbone, at other sizes, lets the strided
+convolution drop the last rows and columns (floor): ``pad_reduction=False`` does the same (a side
+shorter than ``sr_ratio``, where the official code fails, is still padded).
 """
 from __future__ import annotations
 
@@ -30,11 +32,12 @@ class SpatialReductionAttention(TokenMixer):
         sr_ratio: int = 1,
         qkv_bias: bool = True,
         norm_eps: float = 1e-5,
+        pad_reduction: bool = True,
     ) -> None:
         super().__init__(dim, num_heads, block_index)
         if sr_ratio < 1:
             raise ValueError(f"sr_ratio must be >= 1, got {sr_ratio}")
-        self.sr_ratio = sr_ratio
+        self.sr_ratio, self.pad_reduction = sr_ratio, pad_reduction
         self.head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)  # [k | v], each head-major
@@ -49,7 +52,9 @@ class SpatialReductionAttention(TokenMixer):
         if self.sr_ratio == 1:
             return x.reshape(B, H * W, C)
         r = self.sr_ratio
-        x = F.pad(x.permute(0, 3, 1, 2), (0, -W % r, 0, -H % r))
+        x = x.permute(0, 3, 1, 2)
+        if self.pad_reduction or H < r or W < r:
+            x = F.pad(x, (0, -W % r, 0, -H % r))
         x = self.sr(x).flatten(2).transpose(1, 2)
         return self.norm(x)
 

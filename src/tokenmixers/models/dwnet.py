@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
@@ -56,9 +57,17 @@ class ConvBranch(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.out_norm = ChannelsLastBatchNorm(dim)
         self.act = nn.ReLU()
+        self.pad_to = 0  # the official dense backbone pads the branch input to whole 7x7 windows (0: no padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``."""
+        if self.pad_to:
+            H, W = x.shape[1:3]
+            x = F.pad(x, (0, 0, 0, -W % self.pad_to, 0, -H % self.pad_to))
+            return self._branch(x)[:, :H, :W]
+        return self._branch(x)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.in_norm(self.in_proj(x)))
         x = self.act(self.spatial_norm(self.spatial(x)))
         return self.out_norm(self.out_proj(x))

@@ -1,4 +1,5 @@
-"""The official detection backbone of every unified model, and any timm model as a detection backbone.
+"""Dense backbones (four maps, strides 4-32) for detection and segmentation: the official detection backbone of every
+unified model, the published architectures' dense backbones, and any timm model.
 
 The official Mask R-CNN backbone (STM-Evaluation, ``detection/mmdet_custom``) is not the
 classification network's ``features_only``:
@@ -12,8 +13,10 @@ classification network's ``features_only``:
   that are not multiples of the window: Halo and Swin zero-pad the map to whole windows and let the
   padding act as tokens, Swin shifts on odd blocks in every stage (even a map that fits one window),
   and PVT adds its (resized) position embedding to the attention input only, not to the residual
-  path. ``variant="masked"`` keeps tokenmixers' classification behaviour (padding masked, a
-  one-window map not shifted, the embedding on the residual path too).
+  path; at sizes that are not multiples of its reduction ratio PVT's key/value reduction drops the
+  last rows and columns instead of padding them. ``variant="masked"`` keeps tokenmixers'
+  classification behaviour (padding masked, a one-window map not shifted, the embedding on the
+  residual path too, the reduction padded).
 
 The same construction applies to every registered unified model (related mixers and a user's own);
 any other timm model with ``features_only`` works through :class:`TimmBackbone`.
@@ -28,11 +31,13 @@ import timm
 import torch
 from torch import nn
 
-from ..backbone import UnifiedNet
-from ..checkpoint import Checkpoint, LoadReport, group_keys, read_checkpoint
-from ..configs import ModelCfg
-from ..mixers import mixer_options
-from ..zoo import check_model_name, is_registered, load_checkpoint, model_cfg, scale_of
+from .backbone import UnifiedNet
+from .checkpoint import Checkpoint, LoadReport, group_keys, read_checkpoint
+from .configs import ModelCfg
+from .mixers import mixer_options
+from .models import DWNet
+from .models.dwnet import ConvBranch
+from .zoo import check_model_name, create_model, is_registered, load_checkpoint, model_cfg, scale_of
 
 VARIANTS = ("official", "masked")
 DROP_PATH = {"micro": 0.1, "tiny": 0.2, "small": 0.2, "base": 0.3}  # the official Mask R-CNN configs
@@ -46,8 +51,9 @@ def detection_cfg(cfg: ModelCfg, variant: str = "official") -> ModelCfg:
         raise ValueError(f"unknown variant {variant!r}; accepted: {', '.join(VARIANTS)}")
     changes: dict[str, Any] = dict(stage_norms=False, head_hidden_ratio=0.0)
     if variant == "official":
-        if "mask_padding" in mixer_options(cfg.mixer):
-            changes["mixer_args"] = {**cfg.mixer_args, "mask_padding": False}
+        official = {k: False for k in ("mask_padding", "pad_reduction") if k in mixer_options(cfg.mixer)}
+        if official:
+            changes["mixer_args"] = {**cfg.mixer_args, **official}
         if cfg.pos_embed == "absolute":
             changes["pos_embed_residual"] = False
     return cfg.replace(**changes)
@@ -125,6 +131,42 @@ class TimmBackbone(nn.Module):
         return {f"model.{n}" for n in names}
 
 
+class PublishedBackbone(nn.Module):
+    """A published architecture (DWNet, STViT) as a dense backbone: ``(B, 3, H, W)`` -> four NCHW maps.
+
+    Its stem and stages, each stage's output taken before the next downsampling, without the
+    classification norm and head. DWNet as its official dense backbone (DemystifyLocalViT's mmseg /
+    mmdet ``DWNet``): a BatchNorm on each output (``out_norms.<i>``, official ``norm<i>``) and the
+    conv branch's input zero-padded to whole 7x7 windows at the bottom and right (so the padding
+    passes the branch's first BatchNorm and ReLU, as there; ``variant="masked"``: no padding). STViT has no released dense code: its
+    stage outputs are returned as they are.
+    """
+
+    def __init__(self, name: str, variant: str = "official", **kwargs: Any) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+        model = create_model(name, num_classes=0, **kwargs)
+        self.stem, self.stages = model.stem, model.stages
+        self.stages[-1].norm = nn.Identity()  # the classification norm
+        self.out_channels = list(model.cfg.dims)
+        self.strides = list(STRIDES)
+        dense_norms = isinstance(model, DWNet)
+        self.out_norms = nn.ModuleList(nn.BatchNorm2d(c) if dense_norms else nn.Identity() for c in self.out_channels)
+        for module in self.modules():
+            if isinstance(module, ConvBranch) and variant == "official":
+                module.pad_to = model.cfg.kernel_size
+        self.pretrained_cfg = {"architecture": name}
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, C, H, W)`` -> one map per stage (strides 4-32), each through its out norm."""
+        x, maps = self.stem(x), []
+        for stage, norm in zip(self.stages, self.out_norms):
+            x = stage(x)
+            maps.append(norm(x.permute(0, 3, 1, 2)))
+        return maps
+
+
 def create_backbone(
     name: str,
     *,
@@ -152,6 +194,11 @@ def create_backbone(
         if weights is not None:  # timm loads (and filters) its own weight files
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
         return TimmBackbone(name, **({"drop_path_rate": rate} if rate is not None else {}), **kwargs)
+    if not isinstance(model_cfg(name), ModelCfg):  # a published architecture (DWNet, STViT)
+        model = PublishedBackbone(name, variant, **({"drop_path_rate": rate} if rate is not None else {}), **kwargs)
+        if weights is not None:
+            load_imagenet(model, weights)
+        return model
     model = DetectionBackbone(model_cfg(name), variant=variant, **({"drop_path_rate": rate} if rate is not None else {}),
                               **kwargs)
     model.pretrained_cfg = {"architecture": name}
@@ -160,7 +207,7 @@ def create_backbone(
     return model
 
 
-def load_imagenet(backbone: DetectionBackbone, path: Union[str, Path, Checkpoint], *, entry: str = "auto") -> LoadReport:
+def load_imagenet(backbone: nn.Module, path: Union[str, Path, Checkpoint], *, entry: str = "auto") -> LoadReport:
     """Load a classification checkpoint (official or ours) into a detection backbone, as the official code does.
 
     The classifier head and the stage norms are dropped, the out norms keep their fresh values (unless
