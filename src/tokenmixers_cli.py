@@ -32,7 +32,8 @@ def arg(*flags: str, **options: Any) -> Arg:
 
 # name ("train", or "detect train" for a subcommand) -> (function, help, arguments, runs models)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, list[Arg], bool]] = {}
-GROUPS = {"detect": "Mask R-CNN with any backbone: train, eval, predict, invariance"}
+GROUPS = {"detect": "Mask R-CNN with any backbone: train, eval, predict, invariance",
+          "segment": "UperNet / Semantic FPN with any backbone: train, eval, predict"}
 
 
 def command(name: str, help: str, *args: Arg, runs_models: bool = True) -> Callable:
@@ -488,7 +489,8 @@ def cmd_detect_eval(args: argparse.Namespace) -> None:
 def cmd_detect_predict(args: argparse.Namespace) -> None:
     """Draw a detector's boxes, masks and scores on images; write PNGs."""
     from tokenmixers.detection import load_detector
-    from tokenmixers.detection.predict import output_paths, predict_image
+    from tokenmixers.detection.predict import predict_image
+    from tokenmixers.drawing import output_paths
 
     sizes = {"min_size": args.min_size, "max_size": args.max_size or 1333} if args.min_size else {}
     detector, _ = load_detector(args.checkpoint, args.model, **sizes)
@@ -528,6 +530,86 @@ def cmd_detect_invariance(args: argparse.Namespace) -> None:
         print(f"{name}: standard scale {short} x {long} ({source})")
     print(scale_table(results))
     print(f"wrote {args.out}")
+
+
+# -- segmentation -----------------------------------------------------------------------------------------
+
+
+def _miou_line(result: dict) -> str:
+    """``mIoU 41.23  mAcc 52.10  aAcc 80.01`` with '-' where nothing was counted."""
+    return "  ".join(f"{k} {'-' if result.get(k) is None else f'{result[k]:.2f}'}" for k in ("mIoU", "mAcc", "aAcc"))
+
+
+@command("segment train", "train a segmentor (recipes: upernet_160k, semantic_fpn_80k, smoke, or a YAML file)",
+         *RUN,
+         arg("--recipe", default="upernet_160k", help="upernet_160k, semantic_fpn_80k, smoke or a YAML file"),
+         arg("--data", default=None, help="ADE20K folder, images + PNG label maps with classes.txt, or a COCO set"))
+def cmd_segment_train(args: argparse.Namespace) -> None:
+    """Train a segmentor with a segmentation recipe and key=value overrides."""
+    from tokenmixers.segmentation.task import train
+
+    summary = train(args.recipe, _run_overrides(args))
+    if _primary():
+        print(_miou_line(summary))
+        print(f"summary in {summary['output']}/summary.json")
+
+
+@command("segment eval", "mIoU, mAcc and aAcc of a segmentation checkpoint (ours or mmseg's)",
+         arg("--checkpoint", required=True, help="training checkpoint or mmseg checkpoint"),
+         arg("--data", required=True, help="segmentation folder"),
+         arg("--split", default="val"),
+         arg("--model", default=None, help="backbone model (needed for mmseg checkpoints)"),
+         arg("--mode", choices=("whole", "slide"), default=None,
+             help="whole-image or sliding-window inference (default: the run's, else whole)"),
+         arg("--multi-scale", action="store_true", help="mmseg's aug test: scale ratios 0.5-1.75 and flips"),
+         arg("--scale", type=_size, default=None, help="test scale LONGxSHORT (default: the run's, else 2048x512)"),
+         PRECISION,
+         arg("--device", default="auto"),
+         arg("--workers", type=int, default=2),
+         arg("--num-images", type=int, default=None, help="evaluate the first N images"),
+         arg("--out", default=None, help="write the results as JSON"))
+def cmd_segment_eval(args: argparse.Namespace) -> None:
+    """mIoU / mAcc / aAcc of a segmentation checkpoint, with per-class IoU."""
+    from tokenmixers.files import atomic_write_text
+    from tokenmixers.segmentation.evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, args.data, model=args.model, split=args.split, mode=args.mode,
+                                  multi_scale=args.multi_scale, scale=args.scale, device=args.device,
+                                  precision=args.precision, workers=args.workers, limit=args.num_images)
+    if not _primary():
+        return
+    long, short = results["scale"]
+    print(f"{results['mode']} inference at {long}x{short}{' with multi-scale + flip' if args.multi_scale else ''}, "
+          f"{results['images']} images")
+    width = max(len(n) for n in results["classes"])
+    for name, row in results["classes"].items():
+        cells = "  ".join(f"{k} {'-' if v is None else f'{v:6.2f}'}" for k, v in row.items())
+        print(f"  {name:{width}s}  {cells}")
+    print(_miou_line(results))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+
+
+@command("segment predict", "draw a segmentor's class map over images as PNG, with a legend",
+         arg("images", nargs="+"),
+         arg("--checkpoint", required=True),
+         arg("--model", default=None, help="backbone model (needed for mmseg checkpoints)"),
+         arg("--out", default="results/segmentations", help="a .png file (one image) or a folder"),
+         arg("--scale", type=_size, default=None, help="test scale LONGxSHORT (default: the run's, else 2048x512)"),
+         arg("--mode", choices=("whole", "slide"), default=None),
+         arg("--device", default="auto"))
+def cmd_segment_predict(args: argparse.Namespace) -> None:
+    """Segment images and write each with its coloured class overlay and legend."""
+    from tokenmixers.drawing import output_paths
+    from tokenmixers.segmentation.predict import predict_image
+    from tokenmixers.segmentation.segmentor import load_segmentor
+
+    segmentor, _ = load_segmentor(args.checkpoint, args.model)
+    names = segmentor.config.get("classes") or [str(i) for i in range(segmentor.num_classes)]
+    for image, target in zip(args.images, output_paths(args.images, Path(args.out), "segmentation")):
+        pred = predict_image(segmentor, image, target, scale=args.scale, mode=args.mode, device=args.device)
+        present = ", ".join(names[i] for i in pred.unique().tolist())
+        print(f"{image}: {present} -> {target}")
 
 
 # -- the parser and main ------------------------------------------------------------------------------------

@@ -206,11 +206,12 @@ class Checkpoint:
     Attributes:
         path: where it was read from (``"<state dict>"`` for an in-memory one).
         state_dict: the chosen entry's weights in tokenmixers' layout.
-        source: the layout they came in (``tokenmixers``, ``stm-eval``, ``mmdet``, ``dwnet``, ``stvit``).
+        source: the layout they came in (``tokenmixers``, ``stm-eval``, ``mmdet``, ``mmseg``, ``dwnet``, ``stvit``).
         entry: which entry of a training checkpoint holds them (``model``, ``state_dict``, ...), if any.
         ema: the EMA weights, converted, when the file has them.
         run: the settings of the tokenmixers run that wrote it (empty for any other file).
-        model_config: how the saved model was built: a weights folder's ``config.json``, a detector's config.
+        model_config: how the saved model was built: a weights folder's ``config.json``, a detector's or
+            segmentor's config.
     """
 
     path: str
@@ -233,6 +234,9 @@ class Checkpoint:
         detector = self.state_dict.get("roi_heads.box_predictor.cls_score.weight")
         if detector is not None:
             return int(detector.shape[0]) - 1  # the background is not a class
+        segmentor = self.state_dict.get("decode_head.conv_seg.weight")
+        if segmentor is not None:
+            return int(segmentor.shape[0])
         classifier = self.state_dict.get("head.fc.weight")
         return int(classifier.shape[0]) if classifier is not None and classifier.ndim == 2 else None
 
@@ -272,9 +276,13 @@ def checkpoint_from_mapping(obj: Mapping[str, Any], entry: str = "auto", where: 
         raw_ema, ema_entry = _pick_entry(obj, "ema", where)
         ema = _convert(raw_ema, where)[0]
     run = obj.get("config") if isinstance(obj.get("config"), Mapping) and "version" in obj else {}
-    model_config = dict(obj["detector"]) if isinstance(obj.get("detector"), Mapping) else {}
+    built = next((obj[k] for k in ("detector", "segmentor") if isinstance(obj.get(k), Mapping)), {})
+    model_config = dict(built)
     if isinstance(obj.get("class_names"), (list, tuple)):
         model_config["label_names"] = list(obj["class_names"])
+    meta = obj.get("meta")
+    if isinstance(meta, Mapping) and isinstance(meta.get("CLASSES"), (list, tuple)):  # mmseg / mmdet checkpoints
+        model_config.setdefault("label_names", [str(c) for c in meta["CLASSES"]])
     return Checkpoint(where, state_dict, source, chosen, ema, dict(run), model_config, ema_entry)
 
 
@@ -443,6 +451,9 @@ def load_checkpoint(
 
     Returns:
         A :class:`LoadReport`; raises :class:`CheckpointError` without touching the model otherwise.
+
+    A model that knows how its checkpoints map onto it (a segmentor: whole, or a backbone's
+    weights with fresh heads) defines ``load_from(checkpoint, entry=, strict=)``, which is used instead.
     """
     if isinstance(source, Checkpoint):
         checkpoint = source
@@ -450,6 +461,21 @@ def load_checkpoint(
         checkpoint = checkpoint_from_mapping(source, entry)
     else:
         checkpoint = read_checkpoint(source, entry)
+    if hasattr(model, "load_from") and label_map is None:
+        return model.load_from(checkpoint, entry=entry, strict=strict)
+    return load_state(model, checkpoint, entry=entry, strict=strict, label_map=label_map, guess=guess)
+
+
+def load_state(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    *,
+    entry: str = "auto",
+    strict: bool = True,
+    label_map: Optional[Union[PathLike, Sequence[int]]] = None,
+    guess: Optional[Guess] = None,
+) -> LoadReport:
+    """Load a read checkpoint's weights into ``model`` by name, all or nothing (:func:`load_checkpoint`'s work)."""
     converted = checkpoint.weights(entry)
     target = model.state_dict()
     converted, part = _part_for(converted, target)

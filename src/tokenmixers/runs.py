@@ -420,14 +420,15 @@ class RunSettings(Settings):
     fused_optimizer: bool = False         # one fused kernel over all parameters (AdamW, SGD; about 4x faster on a CPU)
     weight_decay: float = 0.05            # the task decides which parameters are exempt
     clip_grad: float = 5.0                # gradient norm clipping (0: none)
-    sched: str = "cosine"                 # per step: a timm schedule (cosine, ...), or "step" (mmdetection's)
+    sched: str = "cosine"                 # per step: a timm schedule (cosine, ...), or mmcv's "step" / "poly"
     warmup_epochs: float = 20.0           # timm schedules: linear warm-up from warmup_lr over these epochs
     warmup_lr: float = 1.0e-6
     min_lr: float = 1.0e-5
-    warmup_iters: int = 0                 # "step": linear warm-up from warmup_ratio x lr over these steps
+    warmup_iters: int = 0                 # "step"/"poly": linear warm-up from warmup_ratio x lr over these steps
     warmup_ratio: float = 0.001
     milestones: tuple[int, ...] = ()      # "step": epochs after which the lr is multiplied by gamma
     gamma: float = 0.1
+    poly_power: float = 1.0               # "poly": the exponent (min_lr is the floor)
     ema: bool = True                      # keep an exponential moving average of the weights, evaluated too
     ema_decay: float = 0.9999
     drop_path: Optional[float] = None     # null: the model's own rate
@@ -454,7 +455,7 @@ class RunSettings(Settings):
     BOUNDS: ClassVar[dict[str, tuple[Optional[float], Optional[float]]]] = {
         "epochs": (1, None), "batch_size": (1, None), "accum_steps": (1, None), "lr": (0, None), "lr_batch": (1, None),
         "warmup_epochs": (0, None), "warmup_lr": (0, None), "min_lr": (0, None), "warmup_iters": (0, None),
-        "warmup_ratio": (0, 1), "gamma": (0, None), "weight_decay": (0, None), "clip_grad": (0, None),
+        "warmup_ratio": (0, 1), "gamma": (0, None), "poly_power": (0, None), "weight_decay": (0, None), "clip_grad": (0, None),
         "drop_path": (0, 0.999), "ema_decay": (0, 1), "workers": (0, None), "threads": (0, None),
         "eval_every": (1, None), "log_every": (1, None), "ckpt_every_steps": (0, None), "ckpt_every_epochs": (1, None),
         "keep_checkpoints": (1, None), "max_steps_per_epoch": (0, None),
@@ -616,24 +617,34 @@ def predictions(model: nn.Module, loader: DataLoader, info: DistInfo, precision:
 
 
 class StepSchedule:
-    """mmdetection's ``policy='step'``: linear warm-up from ``warmup_ratio`` x lr, then x ``gamma`` per milestone."""
+    """mmcv's per-iteration schedules: ``sched="step"`` (mmdetection: x ``gamma`` after each milestone epoch) or
+    ``sched="poly"`` (mmsegmentation: ``(lr - min_lr) (1 - step / steps)^poly_power + min_lr``), both with
+    mmcv's linear warm-up: the scheduled lr x ``1 - (1 - step / warmup_iters)(1 - warmup_ratio)``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: RunSettings, steps_per_epoch: int) -> None:
         self.optimizer, self.cfg, self.steps_per_epoch = optimizer, cfg, steps_per_epoch
         self.base = [group["lr"] for group in optimizer.param_groups]
 
+    def lr(self, step: int, base: float) -> float:
+        """The lr of an optimizer step for a group whose scheduled lr is ``base``."""
+        cfg = self.cfg
+        if cfg.sched == "poly":
+            left = max(0.0, 1 - step / (cfg.epochs * self.steps_per_epoch))
+            lr = (base - cfg.min_lr) * left**cfg.poly_power + cfg.min_lr
+        else:
+            lr = base * cfg.gamma ** sum(step >= m * self.steps_per_epoch for m in cfg.milestones)
+        if step < cfg.warmup_iters:
+            lr *= 1 - (1 - step / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
+        return lr
+
     def factor(self, step: int) -> float:
-        """The lr multiplier at an optimizer step."""
-        warm = 1.0
-        if step < self.cfg.warmup_iters:
-            warm = 1 - (1 - step / self.cfg.warmup_iters) * (1 - self.cfg.warmup_ratio)
-        passed = sum(step >= m * self.steps_per_epoch for m in self.cfg.milestones)
-        return warm * self.cfg.gamma**passed
+        """The lr multiplier of the ``step`` schedule at an optimizer step."""
+        return self.lr(step, 1.0)
 
     def step_update(self, num_updates: int) -> None:
         """Set the lr of the next optimizer step."""
         for group, base in zip(self.optimizer.param_groups, self.base):
-            group["lr"] = base * self.factor(num_updates)
+            group["lr"] = self.lr(num_updates, base)
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing to save: the lr is a function of the step."""
@@ -644,8 +655,8 @@ class StepSchedule:
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunSettings, steps_per_epoch: int) -> Any:
-    """The per-step lr schedule of a recipe: mmdetection's ``step``, or any timm schedule with warm-up."""
-    if cfg.sched == "step":
+    """The per-step lr schedule of a recipe: mmcv's ``step`` or ``poly``, or any timm schedule with warm-up."""
+    if cfg.sched in ("step", "poly"):
         return StepSchedule(optimizer, cfg, steps_per_epoch)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,

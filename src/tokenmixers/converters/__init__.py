@@ -9,12 +9,13 @@ from typing import Callable
 
 import torch
 
-from . import dwnet, mmdet, stm_eval, stvit
+from . import dwnet, mmdet, mmseg, stm_eval, stvit
 
 StateDict = dict[str, torch.Tensor]
 
 # (name, detect, convert), tried in order; a state dict that matches none is taken as tokenmixers' own.
 CONVERTERS: list[tuple[str, Callable[[StateDict], bool], Callable[[StateDict], StateDict]]] = [
+    ("mmseg", mmseg.is_mmseg, mmseg.convert),
     ("mmdet", mmdet.is_mmdet, mmdet.convert),
     ("stm-eval", stm_eval.is_stm_eval, stm_eval.convert),
     ("dwnet", dwnet.is_dwnet, dwnet.convert),
