@@ -63,9 +63,12 @@ def test_mmseg_parity(name: str) -> None:
         expected = np.load(DATA / f"{name}_{size}.npz")
         h, w = (int(s) for s in size.split("x"))
         image = _image()[..., :h, :w]
+        seen: dict[str, torch.Tensor] = {}
+        hook = model.decode_head.register_forward_hook(lambda m, i, out, seen=seen: seen.update(decoded=out, maps=i[0]))
         with torch.no_grad():
-            maps = model.features(image)
-            decoded, logits = model.decode_head(maps), model(image)
+            logits = model(image)  # one pass; the hook keeps the decode head's input and output
+        hook.remove()
+        decoded, maps = seen["decoded"], seen["maps"]
         assert tuple(logits.shape) == (1, reference["num_classes"], h, w)
         assert relative_difference(decoded[..., ::2, ::2], expected["decode_out"]) < 1e-10
         assert relative_difference(logits[..., ::4, ::4], expected["logits_sub"]) < 1e-10
@@ -148,6 +151,10 @@ def test_backbone_weights_load_with_fresh_heads(tmp_path: Path) -> None:
     report = load_checkpoint(model, tmp_path / "classifier")
     assert "heads freshly initialised" in str(report)
     assert torch.equal(model.backbone.stem.conv1.weight, classifier.stem.conv1.weight)
+    twins = timm.create_model("twins_svt_small", num_classes=7)
+    torch.save(twins.state_dict(), tmp_path / "twins.pth")
+    report = load_checkpoint(create_segmentor("twins_svt_small", 4, head="semantic_fpn"), tmp_path / "twins.pth")
+    assert "head" in str(report) and "heads freshly initialised" in str(report)
     other = create_segmentor("unified_swin_micro", 4)
     before = other.backbone.stem.conv1.weight.clone()
     with pytest.raises(CheckpointError, match="does not fit"):
@@ -224,3 +231,50 @@ def test_segmentation_runs_refuse_bad_input(tmp_path: Path, capsys: pytest.Captu
     assert code != 0 and "multiple of eval_interval" in err
     code, _, err = cli(capsys, "segment", "eval", "--checkpoint", str(tmp_path / "none.pth"), "--data", str(NUCLEI))
     assert code != 0 and "none.pth" in err
+
+
+def test_recipes_schedule_and_weight_decay() -> None:
+    """mmseg's recipes: UperNet 160k (Swin setting), Semantic FPN 80k (PVT setting), mmcv's poly schedule."""
+    from tokenmixers.runs import StepSchedule
+    from tokenmixers.segmentation.task import Segmentation, param_groups
+
+    upernet, fpn = Segmentation.load_settings("upernet_160k"), Segmentation.load_settings("semantic_fpn_80k")
+    assert (upernet.lr, upernet.lr_batch, upernet.weight_decay, upernet.iters) == (6e-5, 16, 0.01, 160000)
+    assert (upernet.epochs, upernet.max_steps_per_epoch) == (10, 16000)  # one engine epoch per evaluation interval
+    assert (fpn.head, fpn.lr, fpn.lr_batch, fpn.weight_decay, fpn.poly_power, fpn.no_decay_keys) == \
+        ("semantic_fpn", 1e-4, 32, 1e-4, 0.9, ())
+    # linear warm-up from 1e-6 x lr over 1500 steps (on the poly lr), then (1 - step / 160k)^1 down to 0
+    schedule = StepSchedule(torch.optim.SGD([torch.zeros(1)], lr=1.0), upernet, steps_per_epoch=16000)
+    poly = 1 - 750 / 160000
+    assert schedule.lr(0, 1.0) == pytest.approx(1e-6) and schedule.lr(750, 1.0) == pytest.approx(poly * (1 - 0.5 * (1 - 1e-6)))
+    assert schedule.lr(80000, 1.0) == pytest.approx(0.5) and schedule.lr(160000, 1.0) == 0.0
+    fpn_schedule = StepSchedule(torch.optim.SGD([torch.zeros(1)], lr=1.0), fpn, steps_per_epoch=8000)
+    assert fpn_schedule.lr(40000, 1e-4) == pytest.approx((1e-4 - 1e-6) * 0.5**0.9 + 1e-6)
+    with torch.device("meta"):
+        model = create_segmentor("unified_swin_micro", 150)
+    decay, no_decay = param_groups(model, 0.01, upernet.no_decay_keys)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert all("norm" in n or "relative_position_bias_table" in n for n in exempt)
+    assert "backbone.stages.0.blocks.0.mixer.relative_position_bias_table" in exempt
+    assert "decode_head.bottleneck.bn.weight" in {names[id(p)] for p in decay["params"]}  # "bn" is not "norm"
+    with pytest.raises(ValueError, match="multiple of eval_interval"):
+        Segmentation.load_settings("upernet_160k", ["iters=1000", "eval_interval=300"])
+
+
+def test_sliding_window_and_multi_scale_inference() -> None:
+    """Sliding windows cover the image and average overlaps; the aug test averages scales and flips."""
+    from tokenmixers.segmentation.evaluate import Predictor
+
+    conv = torch.nn.Conv2d(3, 4, 1).double().eval()  # position-independent: windows must equal the whole image
+    image = torch.randn(1, 3, 70, 90, dtype=torch.float64)
+    whole = Predictor(conv, (90, 70))(image)
+    slide = Predictor(conv, (90, 70), mode="slide", crop=(32, 48), stride=(21, 30))(image)
+    torch.testing.assert_close(slide, whole)
+    calls = []
+    probe = Predictor(lambda x: calls.append(tuple(x.shape[2:])) or conv(x), (180, 140), ratios=(0.5, 1.0), flip=True)
+    probs = probe(image)
+    assert calls == [(70, 90), (70, 90), (140, 180), (140, 180)]
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 70, 90, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown inference mode 'tiles'"):
+        Predictor(conv, mode="tiles")

@@ -26,7 +26,7 @@ from tokenmixers.segmentation.data import (
     rgb_to_hsv,
     semantic_map,
 )
-from tokenmixers.segmentation.evaluate import TestTime
+from tokenmixers.segmentation.evaluate import Predictor
 
 from .conftest import SHARED
 
@@ -258,7 +258,7 @@ def test_a_640x480_image_is_resized_to_683x512_in_training_and_at_test_time(tmp_
     assert image.shape == (3, 480, 640) and label.shape == (480, 640)
     np.testing.assert_array_equal(label.numpy(), stripes(480, 640))
     seen = []
-    tester = TestTime(lambda x: seen.append(tuple(x.shape[2:])) or torch.zeros(1, 2, *x.shape[2:]), (2048, 512))
+    tester = Predictor(lambda x: seen.append(tuple(x.shape[2:])) or torch.zeros(1, 2, *x.shape[2:]), (2048, 512))
     assert tester(image[None]).shape == (1, 2, 480, 640) and seen == [(512, 683)]
 
 

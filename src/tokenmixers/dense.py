@@ -208,14 +208,23 @@ def create_backbone(
 
 
 def load_imagenet(backbone: nn.Module, path: Union[str, Path, Checkpoint], *, entry: str = "auto") -> LoadReport:
-    """Load a classification checkpoint (official or ours) into a detection backbone, as the official code does.
+    """Load a classification checkpoint (official or ours, or timm's) into a dense backbone, as the official code does.
 
-    The classifier head and the stage norms are dropped, the out norms keep their fresh values (unless
+    The classifier head and the stage norms are dropped (a timm model's: what its features do not use), the out norms keep their fresh values (unless
     the checkpoint has them); everything else must fit exactly. All or nothing: on any mismatch a
     :class:`CheckpointError` names it (e.g. a checkpoint of another size) and the backbone is unchanged.
     """
     read = path if isinstance(path, Checkpoint) else read_checkpoint(path, entry)
     converted = read.weights(entry)
+    if isinstance(backbone, TimmBackbone):  # timm's features_only keeps the classifier's names, minus its tail
+        target = backbone.state_dict()
+        prefix = max(("model.", "model.model."), key=lambda p: sum(f"{p}{k}" in target for k in converted))
+        dropped = [k for k in converted if f"{prefix}{k}" not in target]
+        kept = {f"{prefix}{k}": v for k, v in converted.items() if k not in dropped}
+        report = load_checkpoint(backbone, read.with_weights(kept))
+        if dropped:
+            report.adapted.append(f"entries outside the feature maps dropped: {group_keys(dropped)}")
+        return report
     dropped = [k for k in converted if _CLASSIFICATION_ONLY.match(k)]
     state = {k: v for k, v in converted.items() if k not in dropped}
     fresh = {k: v for k, v in backbone.state_dict().items() if k.startswith("out_norms.") and k not in state}

@@ -1,6 +1,6 @@
 """Segmentation evaluation as mmsegmentation's: test-time resizing, whole or sliding-window inference, mIoU.
 
-* :class:`TestTime` wraps a segmentor for evaluation: the original image is resized to fit the test
+* :class:`Predictor` wraps a segmentor for evaluation: the original image is resized to fit the test
   scale (keep ratio; times each ratio for multi-scale), decoded whole or in sliding windows, the
   logits resized back to the original size, softmaxed, averaged over scales and flips.
 * :func:`intersect_and_union` / :func:`summarize`: per-class areas accumulated over the whole set
@@ -30,7 +30,7 @@ MODES = ("whole", "slide")
 MULTI_SCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's aug-test ratios
 
 
-class TestTime(nn.Module):
+class Predictor(nn.Module):
     """A segmentor at test time: ``(1, 3, H, W)`` original image -> class probabilities ``(1, K, H, W)``.
 
     Args:
@@ -78,7 +78,8 @@ class TestTime(nn.Module):
             resized = resize(image, (height, width)) if (height, width) != tuple(size) else image
             for flipped in (False, True) if self.flip else (False,):
                 x = resized.flip(3) if flipped else resized
-                p = F.softmax(resize(self.logits(x), size).float(), dim=1)
+                logits = resize(self.logits(x), size)
+                p = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)  # fp16/bf16 up
                 p = p.flip(3) if flipped else p
                 probs = p if probs is None else probs + p
         return probs / (len(self.ratios) * (2 if self.flip else 1))
@@ -118,7 +119,7 @@ def evaluate_segmentor(model: nn.Module, dataset: Dataset, info: DistInfo, *, nu
                        crop: Sequence[int] = (512, 512), stride: Sequence[int] = (341, 341), workers: int = 0,
                        precision: str = "fp32", ignore_index: int = IGNORE_INDEX) -> dict[str, Any]:
     """mIoU / mAcc / aAcc of a segmentor on a dataset of ``(original image, original label)`` items."""
-    tester = TestTime(model, scale, ratios, flip, mode, crop, stride)
+    tester = Predictor(model, scale, ratios, flip, mode, crop, stride)
     areas = torch.zeros(4, num_classes, dtype=torch.float64)
     images = 0
     for probs, labels, _ in predictions(tester, eval_loader(dataset, 1, workers, info), info, precision):

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from ..drawing import draw_legend, load_font
 from ..files import atomic_write
 from .data import normalize, read_image
-from .evaluate import TestTime
+from .evaluate import Predictor
 
 UNPAINTED = ("background",)       # classes left as they are (COCO-made maps' class 0)
 
@@ -56,7 +56,7 @@ def predict_image(segmentor: torch.nn.Module, image_path: Union[str, Path], out:
     config = getattr(segmentor, "config", {})
     pixels = read_image(Path(image_path))
     image, normalised = torch.from_numpy(pixels).permute(2, 0, 1) / 255, normalize(pixels)
-    tester = TestTime(segmentor.to(device).eval(), scale or config.get("scale") or (2048, 512),
+    tester = Predictor(segmentor.to(device).eval(), scale or config.get("scale") or (2048, 512),
                       mode=mode or config.get("test_mode") or "whole")
     pred = tester(normalised[None].to(device)).argmax(1)[0].cpu()
     drawn = draw_segmentation(image, pred, config.get("classes"))

@@ -67,7 +67,8 @@ class Segmentor(nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """mmseg's cross-entropy: logits resized to the labels, mean over every pixel (ignored ones count 0)."""
         logits = resize(logits, labels.shape[-2:])
-        per_pixel = F.cross_entropy(logits.float(), labels.long(), ignore_index=self.ignore_index, reduction="none")
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16 / bf16 up, float64 kept
+        per_pixel = F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index, reduction="none")
         return per_pixel.mean()
 
     def no_weight_decay(self) -> set[str]:
@@ -80,8 +81,6 @@ class Segmentor(nn.Module):
         state = checkpoint.weights(entry)
         if any(k.startswith(HEAD_PREFIXES) for k in state):
             return load_state(self, checkpoint, entry=entry, strict=strict, guess=guess_architecture)
-        if not hasattr(self.backbone, "out_norms"):
-            return load_state(self.backbone, checkpoint, entry=entry, strict=strict, guess=guess_architecture)
         report = load_imagenet(self.backbone, checkpoint, entry=entry)
         report.adapted.append("decode and auxiliary heads freshly initialised")
         return report

@@ -9,8 +9,8 @@ overrides.
 Training is by iterations as mmseg's: ``iters`` optimizer steps, evaluated and saved every
 ``eval_interval``; the engine's epoch is one interval (the training set is drawn in shuffled passes
 as often as an interval needs, as mmseg's infinite sampler does). The schedule is mmcv's ``poly``
-with linear warm-up; AdamW without weight decay on norms, position embeddings and relative
-position tables; ``best.pth`` by mIoU. Everything else a run does is the engine's
+with linear warm-up; AdamW without weight decay on the parameters whose names hold one of
+``no_decay_keys`` (mmcv's ``custom_keys``); ``best.pth`` by mIoU. Everything else a run does is the engine's
 (:mod:`tokenmixers.runs`).
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ class SegmentationSettings(RunSettings):
     lr: float = 6.0e-5
     lr_batch: int = 16
     weight_decay: float = 0.01
+    no_decay_keys: tuple[str, ...] = ("absolute_pos_embed", "relative_position_bias_table", "norm")  # Swin's config
     fused_optimizer: bool = True
     clip_grad: float = 0.0
     sched: str = "poly"
@@ -84,14 +85,12 @@ class SegmentationSettings(RunSettings):
     }
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """mmseg's Swin/Twins exemptions: no decay for ``norm`` names, position embeddings and relative position tables."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+def param_groups(model: nn.Module, weight_decay: float, no_decay_keys: Sequence[str]) -> list[dict[str, Any]]:
+    """mmcv's ``paramwise_cfg.custom_keys`` with ``decay_mult=0``: no decay where a key is part of the parameter's name."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            exempt = "norm" in name or "pos_embed" in name or "relative_position" in name or name in skip
-            (no_decay if exempt else decay).append(p)
+            (no_decay if any(key in name for key in no_decay_keys) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -163,7 +162,7 @@ class Segmentation(Task):
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """mmseg's decay rule (see :func:`param_groups`)."""
-        return param_groups(model, self.cfg.weight_decay)
+        return param_groups(model, self.cfg.weight_decay, self.cfg.no_decay_keys)
 
     def step(self, model: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The decode head's (and auxiliary head's) cross-entropy."""
