@@ -139,6 +139,23 @@ def test_a_users_mixer_as_segmentation_backbone() -> None:
         assert model(torch.randn(1, 3, 90, 118)).shape == (1, 4, 90, 118)
 
 
+@pytest.mark.parametrize("head", ["upernet", "semantic_fpn"])
+def test_own_checkpoints_rebuild_the_segmentor(tmp_path: Path, head: str) -> None:
+    """A saved segmentor (either head) is rebuilt from its file: head, widths, classes and weights."""
+    from tokenmixers.segmentation.segmentor import load_segmentor
+    from tokenmixers.segmentation.task import param_groups
+
+    model = create_segmentor("unified_pvt_micro", 3, head, channels=32, aux_channels=16)
+    model.config["classes"] = ["sky", "road", "car"]
+    torch.save({"model": model.state_dict(), "segmentor": model.config}, tmp_path / "seg.pth")
+    rebuilt, report = load_segmentor(tmp_path / "seg.pth")
+    assert report.source == "tokenmixers" and rebuilt.config["head"] == head and rebuilt.config["classes"][2] == "car"
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in model.state_dict().items())
+    decay, no_decay = param_groups(rebuilt, 0.01, ("norm",))  # the position embeddings: the backbone's own list
+    names = {id(p): n for n, p in rebuilt.named_parameters()}
+    assert "backbone.stages.0.blocks.0.pos.pos_embed" in {names[id(p)] for p in no_decay["params"]}
+
+
 def test_backbone_weights_load_with_fresh_heads(tmp_path: Path) -> None:
     """A classification checkpoint fills the backbone (out norms and heads fresh); a wrong one is refused whole."""
     import timm
@@ -215,6 +232,14 @@ def test_training_on_real_nuclei_masks_then_eval_and_predict(tmp_path: Path, cap
 
     drawn = Image.open(tmp_path / "drawn" / "nuclei_256_256_segmentation.png")
     assert drawn.size == (256, 256) and "nucleus" in out
+    other = tmp_path / "other"  # the same number of classes under other names is other data
+    (other / "annotations" / "val").mkdir(parents=True)
+    (other / "classes.txt").write_text("sky\nground\n")
+    (other / "images" / "val").mkdir(parents=True)
+    Image.open(image).save(other / "images" / "val" / "a.png")
+    Image.fromarray(np.zeros((256, 256), np.uint8)).save(other / "annotations" / "val" / "a.png")
+    code, _, err = cli(capsys, "segment", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data", str(other))
+    assert code != 0 and "background, nucleus" in err and "sky, ground" in err
 
 
 def test_segmentation_runs_refuse_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

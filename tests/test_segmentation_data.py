@@ -368,3 +368,12 @@ def test_coco_training_items_have_the_crop_size() -> None:
     image, label = ds[0]
     assert image.shape == (3, 128, 128) and label.shape == (128, 128)
     assert set(label.unique().tolist()) <= {0, 1}
+
+
+def test_a_folder_without_classes_is_not_taken_for_ade20k(tmp_path: Path) -> None:
+    """Only ADE20K's own split names make a folder ADE20K; any other folder needs its classes.txt."""
+    root = folder_set(tmp_path / "two", {"a": stripes(20, 30, (0, 1))}, classes=None)
+    with pytest.raises(DataError, match="no classes.txt: add one class name per line"):
+        SegmentationDataset(root, "train", train=False)
+    ade = folder_set(tmp_path / "ade", {"a": stripes(20, 30, (0, 1))}, split="training", classes=None)
+    assert SegmentationDataset(ade, "train", train=False).layout == "ade20k"

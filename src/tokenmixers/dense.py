@@ -126,9 +126,14 @@ class TimmBackbone(nn.Module):
         return [m.permute(0, 3, 1, 2) for m in maps] if self.nhwc else list(maps)
 
     def no_weight_decay(self) -> set[str]:
-        """Position tables of the wrapped model, if it names any."""
-        names = getattr(self.model, "no_weight_decay", lambda: set())()
-        return {f"model.{n}" for n in names}
+        """Position tables of the wrapped model, if it names any (a feature wrapper's inner model too)."""
+        own = set(self.state_dict())
+        for prefix, module in (("model.", self.model), ("model.model.", getattr(self.model, "model", None))):
+            names = {f"{prefix}{n}" for n in getattr(module, "no_weight_decay", lambda: set())()}
+            found = {n for n in own if any(n == t or n.startswith(f"{t}.") for t in names)}
+            if found:
+                return found
+        return set()
 
 
 class PublishedBackbone(nn.Module):

@@ -35,6 +35,8 @@ _MARKERS = ("backbone.downsample_layers.", "neck.lateral_convs.", "rpn_head.rpn_
 
 def is_mmdet(state_dict: dict[str, torch.Tensor]) -> bool:
     """Whether a state dict uses mmdetection's Mask R-CNN names (with an official STM-Evaluation backbone)."""
+    if any(k.startswith(("decode_head.", "auxiliary_head.")) for k in state_dict):
+        return False  # a segmentor (Semantic FPN has an FPN neck too)
     return any(k.startswith(_MARKERS) for k in state_dict)
 
 

@@ -96,11 +96,16 @@ def detect_layout(root: Path) -> str:
         return "folder"
     if any(root.glob("instances_*.json")) or any((root / "annotations").glob("instances_*.json")):
         return "coco"
-    if (root / "images").is_dir() and (root / "annotations").is_dir():
+    ade_splits = [root / "images" / s for s in ("training", "validation")]
+    if any(p.is_dir() for p in ade_splits) and (root / "annotations").is_dir():
         return "ade20k"
+    if (root / "images").is_dir() and (root / "annotations").is_dir():
+        raise DataError(f"{root} has images/ and annotations/ but no classes.txt: add one class name per line "
+                        "(line n is label value n - 1); without it only ADE20K's own folder "
+                        "(images/training, images/validation) is recognised")
     raise DataError(f"{root} is no segmentation data folder: expected classes.txt with images/<split> and "
-                    "annotations/<split> (folder layout), instances_<split>.json (COCO), or images/ and "
-                    "annotations/ alone (ADE20K)")
+                    "annotations/<split> (folder layout), instances_<split>.json (COCO), or ADE20K's "
+                    "images/{training,validation} and annotations/{training,validation}")
 
 
 def read_classes(path: Path) -> list[str]:

@@ -22,9 +22,9 @@ from torch.utils.data import Dataset
 from ..data import DataError
 from ..distributed import DistInfo, all_reduce_sum, init_distributed
 from ..runs import eval_loader, predictions
-from .data import SegmentationDataset, rescale_size
+from .data import IGNORE_INDEX, SegmentationDataset, rescale_size
 from .heads import resize
-from .segmentor import IGNORE_INDEX, load_segmentor
+from .segmentor import load_segmentor
 
 MODES = ("whole", "slide")
 MULTI_SCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's aug-test ratios
@@ -151,8 +151,10 @@ def evaluate_checkpoint(
     dataset: Union[SegmentationDataset, torch.utils.data.Subset] = SegmentationDataset(data, split, train=False,
                                                                                           scale=scale)
     classes = dataset.classes
-    if dataset.num_classes != segmentor.num_classes:
-        raise DataError(f"{checkpoint} predicts {segmentor.num_classes} classes, but {dataset.name} has "
+    saved = segmentor.config.get("classes")
+    if dataset.num_classes != segmentor.num_classes or (saved and list(saved) != list(classes)):
+        theirs = f" ({', '.join(saved[:4])}, ...)" if saved else ""
+        raise DataError(f"{checkpoint} predicts {segmentor.num_classes} classes{theirs}, but {dataset.name} has "
                         f"{dataset.num_classes} ({', '.join(classes[:4])}, ...); evaluate it on the data it was trained for")
     if limit:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))

@@ -40,7 +40,7 @@ def draw_segmentation(image: torch.Tensor, pred: torch.Tensor, classes: Optional
     counts = np.bincount(labels.ravel(), minlength=num_classes)
     present = [i for i in np.argsort(-counts, kind="stable") if counts[i]]
     lines = [(names[i], f"{names[i]}: {100 * counts[i] / labels.size:.1f}%") for i in present]
-    hex_colours = {names[i]: "#%02x%02x%02x" % tuple(colours[i]) for i in present}
+    hex_colours = {names[i]: "#%02x%02x%02x" % tuple(colours[i]) for i in present if names[i] not in UNPAINTED}
     draw = ImageDraw.Draw(picture)
     draw_legend(draw, picture.size, lines, hex_colours, [], load_font(max(12, min(picture.size) // 40)), 2)
     return np.array(picture)

@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import Checkpoint, LoadReport, load_state, read_checkpoint
+from ..converters.mmseg import HEADS as HEAD_PREFIXES
 from ..dense import create_backbone, load_imagenet
 from ..zoo import guess_architecture
+from .data import IGNORE_INDEX
 from .heads import FPN, HEADS, FCNHead, FPNHead, UPerHead, resize
-
-IGNORE_INDEX = 255
-HEAD_PREFIXES = ("decode_head.", "auxiliary_head.", "neck.")
 
 
 class Segmentor(nn.Module):
@@ -32,8 +31,8 @@ class Segmentor(nn.Module):
     ``model(images)`` gives logits ``(B, num_classes, H, W)`` at the input size (mmseg's whole-image
     inference: decoded at stride 4, resized bilinearly); ``model(images, labels)`` gives the training
     losses: cross-entropy of the decode head and ``aux_weight`` x that of the auxiliary head, both
-    on logits resized to the labels, pixels of ``ignore_index`` left out (mmseg averages over all
-    pixels, ignored ones counting zero).
+    on logits resized to the labels, averaged as mmseg averages: over all pixels, those of
+    ``ignore_index`` counting zero.
     """
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, *, neck: Optional[nn.Module] = None,

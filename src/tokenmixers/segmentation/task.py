@@ -7,8 +7,8 @@ Swin setting; ``semantic_fpn_80k``: the PVT setting; ``smoke``) or any path, wit
 overrides.
 
 Training is by iterations as mmseg's: ``iters`` optimizer steps, evaluated and saved every
-``eval_interval``; the engine's epoch is one interval (the training set is drawn in shuffled passes
-as often as an interval needs, as mmseg's infinite sampler does). The schedule is mmcv's ``poly``
+``eval_interval``; the engine's epoch is one interval (the training set repeated as often as an
+interval needs and shuffled as one, where mmseg's infinite sampler runs whole passes one after the other). The schedule is mmcv's ``poly``
 with linear warm-up; AdamW without weight decay on the parameters whose names hold one of
 ``no_decay_keys`` (mmcv's ``custom_keys``); ``best.pth`` by mIoU. Everything else a run does is the engine's
 (:mod:`tokenmixers.runs`).
@@ -86,11 +86,14 @@ class SegmentationSettings(RunSettings):
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_keys: Sequence[str]) -> list[dict[str, Any]]:
-    """mmcv's ``paramwise_cfg.custom_keys`` with ``decay_mult=0``: no decay where a key is part of the parameter's name."""
+    """mmcv's ``paramwise_cfg.custom_keys`` with ``decay_mult=0``: no decay where a key is part of the parameter's name,
+    nor (when there are keys) on the position tables the backbone names in ``no_weight_decay()`` under other names
+    (PVT's ``pos_embed``, Halo's relative tables, Twins' ``pos_block``)."""
+    tables = model.no_weight_decay() if no_decay_keys and hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if any(key in name for key in no_decay_keys) else decay).append(p)
+            (no_decay if name in tables or any(key in name for key in no_decay_keys) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
