@@ -19,6 +19,10 @@ from .reference import official_state_dict, paper_detection_state_dict, relative
 DATA = Path(__file__).parent / "data" / "segmentation"
 HEADS = {"upernet": "upernet", "fpn": "semantic_fpn"}
 REFERENCES = sorted({re.sub(r"_\d+x\d+$", "", p.stem) for p in DATA.glob("*_*x*.npz")})
+# 150x214 (not a multiple of 32) where the backbone pads or reduces in its own way, and once for the FPN head's
+# chain of 2x steps; elsewhere it repeats what 160x224 checks (each float64 UperNet pass takes seconds)
+ODD_SIZE = {"unified_halo_micro_upernet", "unified_swin_micro_upernet", "unified_pvt_micro_upernet",
+            "dwnet_tiny_upernet", "unified_convnext_micro_fpn"}
 
 
 @lru_cache(maxsize=1)
@@ -59,7 +63,7 @@ def test_mmseg_parity(name: str) -> None:
     assert report.source == "mmseg" and not report.missing and not report.unexpected
     frozen = sum(9 * 9 for k in reference["constructed"] if k.endswith("fold.weights"))  # official: frozen parameters
     assert sum(p.numel() for p in model.parameters()) + frozen == reference["parameters"]
-    for size in reference["inputs"]:
+    for size in [s for s in reference["inputs"] if s == "160x224" or name in ODD_SIZE]:
         expected = np.load(DATA / f"{name}_{size}.npz")
         h, w = (int(s) for s in size.split("x"))
         image = _image()[..., :h, :w]
@@ -164,15 +168,16 @@ def test_backbone_weights_load_with_fresh_heads(tmp_path: Path) -> None:
 
     classifier = timm.create_model("unified_convnext_micro", num_classes=10)
     save_pretrained(classifier, tmp_path / "classifier")
-    model = create_segmentor("unified_convnext_micro", 4)
+    model = create_segmentor("unified_convnext_micro", 4, channels=16, aux_channels=16)
     report = load_checkpoint(model, tmp_path / "classifier")
     assert "heads freshly initialised" in str(report)
     assert torch.equal(model.backbone.stem.conv1.weight, classifier.stem.conv1.weight)
     twins = timm.create_model("twins_svt_small", num_classes=7)
     torch.save(twins.state_dict(), tmp_path / "twins.pth")
-    report = load_checkpoint(create_segmentor("twins_svt_small", 4, head="semantic_fpn"), tmp_path / "twins.pth")
+    report = load_checkpoint(create_segmentor("twins_svt_small", 4, head="semantic_fpn", channels=16, neck_channels=16),
+                             tmp_path / "twins.pth")
     assert "head" in str(report) and "heads freshly initialised" in str(report)
-    other = create_segmentor("unified_swin_micro", 4)
+    other = create_segmentor("unified_swin_micro", 4, channels=16, aux_channels=16)
     before = other.backbone.stem.conv1.weight.clone()
     with pytest.raises(CheckpointError, match="does not fit"):
         load_checkpoint(other, tmp_path / "classifier")

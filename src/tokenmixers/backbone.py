@@ -293,7 +293,7 @@ class StagedNet(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         """Official init: trunc-normal(0.02) weights and zero bias for every Linear/Conv2d."""
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.is_meta:  # meta: no values, five ops each for nothing
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
