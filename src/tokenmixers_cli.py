@@ -450,7 +450,8 @@ def cmd_detect_train(args: argparse.Namespace) -> None:
          arg("--checkpoint", required=True, help="training checkpoint, detector folder or mmdet checkpoint"),
          arg("--data", required=True, help="COCO-format folder"),
          arg("--split", default="val"),
-         arg("--batch-size", type=int, default=2),
+         arg("--batch-size", type=int, default=1, help="images per batch (1, as mmdet tests: padding to a batch "
+             "partner's size changes the features of attention backbones)"),
          PRECISION,
          arg("--workers", type=int, default=2),
          arg("--num-images", type=int, default=None, help="evaluate the first N images"),

@@ -191,20 +191,30 @@ def test_a_crowd_only_validation_set_says_there_is_no_ap(micro_detector: Path, t
     assert "bbox AP" not in out
 
 
-def test_degenerate_crowd_and_empty_are_dropped_as_mmdet(tmp_path: Path) -> None:
+def test_degenerate_crowd_and_empty_are_handled_as_mmdet(tmp_path: Path) -> None:
+    """mmdet's CocoDataset: crowd and degenerate boxes leave the targets, an image with only those still trains
+    (as background), only an image without any annotation is left out, and boxes are not clipped."""
     root = _copy(NUCLEI, tmp_path)
 
     def change(d: dict) -> None:
         anns = d["annotations"]
-        anns[0].update(bbox=[5, 5, 0.5, 8])  # below one pixel wide
-        anns[1].update(iscrowd=1)
-        d["annotations"] = [a for a in anns if a["image_id"] != 3] + []  # image 3 left without boxes
+        first = [a for a in anns if a["image_id"] == d["images"][0]["id"]]
+        first[0].update(bbox=[5, 5, 0.5, 8])  # below one pixel wide
+        for a in first[1:]:
+            a.update(iscrowd=1)  # the first image: one degenerate box, the rest crowd regions
+        second = [a for a in anns if a["image_id"] == d["images"][1]["id"]]
+        second[0].update(bbox=[250.0, 10.0, 20.0, 10.0])  # 6 of 20 px inside the 256 px tile: kept, not clipped
+        d["annotations"] = [a for a in anns if a["image_id"] != d["images"][2]["id"]]  # the third: none at all
 
     _edit(root / "instances_train.json", change)
     data = CocoDetection(root, "train", train=True)
-    assert data.dropped == {"crowd boxes": 1, "degenerate boxes": 1, "images without boxes": 1}
-    assert len(data) == 2
+    crowd = sum(1 for a in data.coco.dataset["annotations"] if a.get("iscrowd"))
+    assert data.dropped == {"crowd boxes": crowd, "degenerate boxes": 1, "images without annotations": 1}
+    assert len(data) == 2 and len(data.targets[data.image_ids[0]]["boxes"]) == 0
+    assert [250.0, 10.0, 270.0, 20.0] in data.targets[data.image_ids[1]]["boxes"].tolist()
     assert len(CocoDetection(root, "train")) == 3  # evaluation keeps every image
+    image, target = data[0]  # an image of background only: an empty target the detector trains on
+    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, *image.shape[1:])
 
 
 def test_unreadable_image_is_skipped_and_counted(tmp_path: Path) -> None:

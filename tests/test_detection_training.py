@@ -83,7 +83,7 @@ def test_recipes_schedule_and_weight_decay() -> None:
     from tokenmixers.detection import create_detector
 
     detector = create_detector("unified_swin_micro", 2, fpn_channels=32)
-    decay, no_decay = param_groups(detector, 0.05)
+    decay, no_decay = param_groups(detector, 0.05, "all_norms")  # the official rule: tests/test_detection_mmdet.py
     names = {id(p): n for n, p in detector.named_parameters()}
     skipped = {names[id(p)] for p in no_decay["params"]}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05

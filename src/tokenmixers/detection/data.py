@@ -12,9 +12,11 @@ Masks may be polygons or RLE (compressed or not); a set whose annotations carry 
 
 Checked when the dataset is built, each with a :class:`DataError` naming the file: a missing
 annotation file, images that do not exist, category ids outside ``categories``, boxes with negative
-width or height. Dropped as mmdetection drops them, and counted: crowd boxes and degenerate boxes
-(width or height below one pixel, or no area) from training targets, and in training the images
-left without any box. An image that cannot be decoded is skipped and counted (:meth:`collate`).
+width or height. As mmdetection 2.x's ``CocoDataset``: crowd regions and degenerate boxes (no area
+inside the image, width or height below one pixel, or no area) are left out of the targets and
+counted, boxes are not clipped to the image, and in training only images without any annotation
+(or under 32 px) are left out: an image with only crowd regions or degenerate boxes trains as a
+picture of background. An image that cannot be decoded is skipped and counted (:meth:`collate`).
 
 Each item is ``(image, target)``: the image as a ``(3, H, W)`` float tensor in [0, 1] at its own
 size (the detector resizes it to 1333x800 and pads to 32), the target with ``boxes`` (xyxy,
@@ -44,8 +46,8 @@ class CocoDetection(Dataset):
     Args:
         root: the data folder.
         split: ``train``, ``val`` or any split with an annotation file.
-        train: training targets (crowd/degenerate boxes dropped, images without boxes left out,
-            random flips); otherwise every image of the split, in file order.
+        train: training items (images without annotations or under 32 px left out, random flips);
+            otherwise every image of the split, in file order.
         hflip: flip probability in training.
     """
 
@@ -56,15 +58,16 @@ class CocoDetection(Dataset):
         self.category_ids = sorted(self.coco.cats)
         self.categories = [self.coco.cats[c].get("name", str(c)) for c in self.category_ids]
         self.label_of = {c: i + 1 for i, c in enumerate(self.category_ids)}
-        self.dropped = {"crowd boxes": 0, "degenerate boxes": 0, "images without boxes": 0}
+        self.dropped = {"crowd boxes": 0, "degenerate boxes": 0, "images without annotations": 0}
         self._check()
         annotations = [a for a in self.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
         self.has_masks = bool(annotations) and all(a.get("segmentation") for a in annotations)
         ids = [img["id"] for img in self.coco.dataset["images"]]
         self.targets = {i: self._target(i) for i in ids}
-        if train:
-            kept = [i for i in ids if len(self.targets[i]["boxes"])]
-            self.dropped["images without boxes"] = len(ids) - len(kept)
+        if train:  # mmdet's _filter_imgs: any annotation of a known category (crowd too), both sides >= 32 px
+            kept = [i for i in ids if self.coco.imgToAnns.get(i) and min(self.coco.imgs[i]["width"],
+                                                                         self.coco.imgs[i]["height"]) >= 32]
+            self.dropped["images without annotations"] = len(ids) - len(kept)
             ids = kept
         self.image_ids = ids
         self.seed: Optional[int] = None  # per-sample flip seeds (deterministic mode)
@@ -111,19 +114,18 @@ class CocoDetection(Dataset):
                                     f"least 3 x, y points: {str(bad[0])[:80]}; fix or remove it")
 
     def _target(self, image_id: int) -> dict[str, Any]:
-        """Boxes, labels and annotations kept for training targets (mmdet's rules)."""
+        """Boxes, labels and annotations kept for training targets (mmdet's ``_parse_ann_info``: boxes not clipped)."""
         info = self.coco.imgs[image_id]
         boxes, labels, anns = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
             x, y, w, h = ann["bbox"]
-            x0, y0 = max(x, 0.0), max(y, 0.0)
-            x1, y1 = min(x + w, info["width"]), min(y + h, info["height"])
+            inside = max(0.0, min(x + w, info["width"]) - max(x, 0.0)) * max(0.0, min(y + h, info["height"]) - max(y, 0.0))
             if ann.get("iscrowd", 0):
                 self.dropped["crowd boxes"] += 1
-            elif ann.get("area", w * h) <= 0 or w < 1 or h < 1 or x1 <= x0 or y1 <= y0:
+            elif inside == 0 or ann.get("area", w * h) <= 0 or w < 1 or h < 1:
                 self.dropped["degenerate boxes"] += 1
             else:
-                boxes.append([x0, y0, x1, y1])
+                boxes.append([x, y, x + w, y + h])
                 labels.append(self.label_of[ann["category_id"]])
                 anns.append(ann)
         return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),

@@ -4,8 +4,10 @@ torchvision's ``GeneralizedRCNN`` with the official detection backbone (:mod:`to
 256 channels on its four maps plus P6 by max-pooling, and parts set as mmdetection 2.x sets them where
 torchvision's defaults differ in ways that move AP (mmdet value, *torchvision default*):
 
-* anchors of 32-512 px (scale 8 x strides 4-64), ratios 0.5/1/2, centred on the grid and **not
-  rounded** (*rounded to whole pixels*), so converted mmdet checkpoints see the same anchors;
+* anchors of 32-512 px (scale 8 x strides 4-64), ratios 0.5/1/2, **not rounded** (*rounded to whole
+  pixels*), on cells at the **fixed strides** 4-64 (*padded size // grid size, 61 instead of 64 for P6
+  at 800 px*), so converted mmdet checkpoints see the same anchors;
+* images resized keeping the ratio with **mmcv's rounding to nearest** (*down*), boxes scaled per axis;
 * RPN and RoI-head box regression with an **L1 loss** (*smooth L1, beta 1/9*), normalised by the
   sampled anchors / RoIs as both libraries do;
 * **1000 proposals** per image after NMS in training (*2000*); 2000 per level before NMS, 1000/1000
@@ -19,6 +21,8 @@ torchvision's defaults differ in ways that move AP (mmdet value, *torchvision de
   probabilities*); the detector returns boolean masks at the original image size;
 * head initialisation as mmdet: Xavier-uniform FPN convs and shared FCs, class scores N(0, 0.01),
   box deltas N(0, 0.001) (*PyTorch's default init*);
+* RPN targets by **mmdet's assigner**: a ground truth's best anchors count only from IoU 0.3 and
+  are assigned to it (*any IoU, each kept on its own best ground truth*);
 * the rest is the same in both: 256 RPN anchors per image (half positive, IoU 0.7/0.3), 512 RoIs per
   image (25 % positive, IoU 0.5, ground truth added), box-delta weights 10/10/5/5, Shared2FC box head
   of 1024, 4-conv mask head, test score > 0.05, per-class NMS 0.5, 100 detections per image, images
@@ -38,6 +42,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -73,7 +78,25 @@ class BackboneFPN(nn.Module):
 
 
 class MMDetAnchorGenerator(AnchorGenerator):
-    """torchvision's anchor generator without rounding the base anchors (mmdet 2.x keeps them exact)."""
+    """mmdet 2.x's ``AnchorGenerator(strides=[4, 8, 16, 32, 64], center_offset=0)`` in torchvision's interface.
+
+    Two things differ from torchvision's: the base anchors are not rounded, and each level's stride is
+    fixed (torchvision divides the padded size by the grid size, rounded down: at 800 px padded, P6's
+    13 cells would sit every 61 px instead of every 64).
+    """
+
+    def __init__(self, sizes: Any, aspect_ratios: Any, strides: tuple[int, ...] = (4, 8, 16, 32, 64)) -> None:
+        super().__init__(sizes, aspect_ratios)
+        self.strides = strides
+
+    def forward(self, image_list: Any, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One ``(sum_l H_l W_l A, 4)`` anchor tensor per image: cells ``(x, y) * stride``, position-major."""
+        grid_sizes = [f.shape[-2:] for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [[torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides[:len(grid_sizes)]]
+        self.set_cell_anchors(dtype, device)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        return [anchors for _ in image_list.image_sizes]
 
     def generate_anchors(
         self, scales: list[int], aspect_ratios: list[float], dtype: torch.dtype = torch.float32,
@@ -112,8 +135,32 @@ class LevelRoIAlign(nn.Module):
         return out
 
 
+class MaxIoUAssigner(Matcher):
+    """mmdet's ``MaxIoUAssigner`` with ``match_low_quality=True``: each ground truth also takes its best anchors
+    (all ties), but only when their IoU reaches ``min_pos_iou``, and they become *its* positives (a later ground
+    truth wins an anchor two share). torchvision's low-quality matching ignores that floor and keeps each such
+    anchor on its own best ground truth."""
+
+    def __init__(self, high: float, low: float, min_pos_iou: float) -> None:
+        super().__init__(high, low, allow_low_quality_matches=False)
+        self.min_pos_iou = min_pos_iou
+
+    def __call__(self, match_quality_matrix: torch.Tensor) -> torch.Tensor:
+        """``(M ground truths, N anchors)`` IoUs -> ``(N,)`` matched index, or -1 (background) / -2 (ignored)."""
+        matches = super().__call__(match_quality_matrix)
+        best = match_quality_matrix.max(dim=1).values
+        for i in range(len(best)):
+            if best[i] >= self.min_pos_iou:
+                matches[match_quality_matrix[i] == best[i]] = i
+        return matches
+
+
 class MMDetRPN(RegionProposalNetwork):
-    """torchvision's RPN with mmdet's L1 box loss."""
+    """torchvision's RPN with mmdet's assigner (:class:`MaxIoUAssigner`) and L1 box loss."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.proposal_matcher = MaxIoUAssigner(0.7, 0.3, min_pos_iou=0.3)
 
     def compute_loss(
         self, objectness: torch.Tensor, pred_bbox_deltas: torch.Tensor, labels: list[torch.Tensor],
@@ -202,8 +249,31 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     return out
 
 
+def rescale_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
+    """mmcv's keep-ratio size: the largest that fits ``short`` x ``long``, each side rounded to nearest.
+
+    (torchvision rounds down: a 640x480 image becomes 1066x800 there, 1067x800 in mmdet.)
+    """
+    factor = min(short / min(height, width), long / max(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
 class DetectionTransform(GeneralizedRCNNTransform):
-    """torchvision's resize / normalise / pad-to-32, with mmdet's mask pasting on the way back."""
+    """torchvision's normalise / pad-to-32 with mmdet's resize (mmcv's rounding, boxes scaled per axis) and mask
+    pasting on the way back."""
+
+    def resize(self, image: torch.Tensor, target: Optional[dict[str, torch.Tensor]] = None,
+               ) -> tuple[torch.Tensor, Optional[dict[str, torch.Tensor]]]:
+        """One image (and its target) resized to fit the scale, as mmdet's ``Resize(keep_ratio=True)``."""
+        h, w = image.shape[-2:]
+        short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        size = rescale_size(h, w, short, self.max_size)
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (h, w), size)
+            if "masks" in target:
+                target["masks"] = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
+        return image, target
 
     def postprocess(
         self, result: list[dict[str, torch.Tensor]], image_shapes: list[tuple[int, int]],
@@ -295,7 +365,8 @@ def create_detector(
         raise ValueError(f"num_classes must be >= 1 (object classes, background not counted), got {num_classes}")
     body = create_backbone(name, variant=variant, weights=backbone_weights, **backbone_kwargs)
     backbone = BackboneFPN(body, fpn_channels)
-    anchors = MMDetAnchorGenerator(tuple((anchor_scale * s,) for s in (4, 8, 16, 32, 64)), ((0.5, 1.0, 2.0),) * 5)
+    strides = (4, 8, 16, 32, 64)
+    anchors = MMDetAnchorGenerator(tuple((anchor_scale * s,) for s in strides), ((0.5, 1.0, 2.0),) * 5, strides)
     rpn = MMDetRPN(anchors, RPNHead(fpn_channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
                    positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
                    post_nms_top_n=dict(training=1000, testing=1000), nms_thresh=0.7)

@@ -33,7 +33,7 @@ def _gather(items: list, info: DistInfo) -> list:
 
 
 def predict_dataset(
-    detector: torch.nn.Module, dataset: CocoDetection, info: DistInfo, *, batch_size: int = 2, workers: int = 2,
+    detector: torch.nn.Module, dataset: CocoDetection, info: DistInfo, *, batch_size: int = 1, workers: int = 2,
     precision: str = "fp32",
 ) -> tuple[list[dict], list[dict], int, int]:
     """This process's share of the images -> gathered (bbox records, segm records, images run, images skipped)."""
@@ -53,7 +53,7 @@ def predict_dataset(
 
 
 def evaluate_detector(
-    detector: torch.nn.Module, dataset: CocoDetection, info: Optional[DistInfo] = None, *, batch_size: int = 2,
+    detector: torch.nn.Module, dataset: CocoDetection, info: Optional[DistInfo] = None, *, batch_size: int = 1,
     workers: int = 2, precision: str = "fp32",
 ) -> dict[str, Any]:
     """bbox (and, with masks, segm) AP of a detector on a split; every image counted once under torchrun."""
@@ -95,7 +95,7 @@ def _detector_for(checkpoint: Optional[Checkpoint], model: Optional[str], datase
 
 
 def evaluate_checkpoint(
-    checkpoint: str, data: str, *, model: Optional[str] = None, split: str = "val", batch_size: int = 2,
+    checkpoint: str, data: str, *, model: Optional[str] = None, split: str = "val", batch_size: int = 1,
     device: str = "auto", precision: str = "fp32", workers: int = 2, limit: Optional[int] = None,
     min_size: Optional[int] = None, max_size: Optional[int] = None,
 ) -> dict[str, Any]:

@@ -4,13 +4,14 @@
 COCO-format folder and returns its summary. Recipes are YAML files in ``recipes/detection``
 (``mask_rcnn_1x``, ``mask_rcnn_3x``, ``smoke``) or any path, with ``key=value`` overrides. The
 schedule is mmdetection's ``step`` policy (linear warm-up over ``warmup_iters`` steps from
-``warmup_ratio`` x lr, then x ``gamma`` after each epoch in ``milestones``); AdamW without weight
-decay on parameters whose name contains ``norm`` (mmdet's ``custom_keys``) and on the backbone's
-``no_weight_decay()`` tables and embeddings; ``best.pth`` by bbox AP. Everything else a run does
+``warmup_ratio`` x lr, then x ``gamma`` after each epoch in ``milestones``); AdamW decaying exactly
+what the official config decays (:func:`param_groups`); fp32; evaluation one image at a time;
+``best.pth`` by bbox AP. Everything else a run does
 is the engine's (:mod:`tokenmixers.runs`).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
@@ -48,6 +49,8 @@ class DetectionSettings(RunSettings):
     warmup_iters: int = 1000
     milestones: tuple[int, ...] = (8, 11)
     ema: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # the official configs train and test in fp32
+    decay_rule: Literal["official", "all_norms"] = "official"  # which parameters AdamW does not decay (param_groups)
     drop_path: Optional[float] = None     # null: the official Mask R-CNN rate of the model's scale
     train_split: str = "train"
     val_split: str = "val"
@@ -69,13 +72,26 @@ class DetectionSettings(RunSettings):
     }
 
 
-def param_groups(model: Detector, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups as the official config: no decay for ``norm`` names and the backbone's position tables."""
-    skip = model.no_weight_decay()
+# The official config's paramwise_cfg: no decay where one of these is part of the *official* parameter name. Its
+# stem and downsampling norms are ``downsample_layers.*.stem.1/4`` and ``reduction.1`` (decayed there), and Halo's
+# relative tables and PVT's position embedding carry other names (decayed there too).
+OFFICIAL_NO_DECAY = ("norm", "relative_position_bias_table", "absolute_pos_embed")
+_DECAYED_NORMS = re.compile(r"(^|\.)(stem\.norm\d|downsample\.norm)\.")
+
+
+def param_groups(model: Detector, weight_decay: float, rule: str = "official") -> list[dict[str, Any]]:
+    """AdamW groups: ``official`` decays exactly what the official config decays (see OFFICIAL_NO_DECAY);
+    ``all_norms`` exempts every norm and the backbone's position tables, as the classification recipe does."""
+    skip = model.no_weight_decay() if rule == "all_norms" else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if "norm" in name or name in skip else decay).append(p)
+        if not p.requires_grad:
+            continue
+        if rule == "official":
+            exempt = any(key in name for key in OFFICIAL_NO_DECAY) and not _DECAYED_NORMS.search(name)
+        else:
+            exempt = "norm" in name or name in skip
+        (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -131,7 +147,7 @@ class Detection(Task):
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """mmdet's decay rule (see :func:`param_groups`)."""
-        return param_groups(model, self.cfg.weight_decay)
+        return param_groups(model, self.cfg.weight_decay, self.cfg.decay_rule)
 
     def step(self, model: Any, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
         """The detector's losses (RPN, box head, mask head)."""
@@ -142,7 +158,8 @@ class Detection(Task):
         saved = model.transform.min_size, model.transform.max_size
         model.set_test_scale(self.cfg.test_size, self.cfg.max_size)
         try:
-            result = evaluate_detector(model, self.val_set, self.info, batch_size=loader.batch_size,
+            # one image at a time, as mmdet tests: padding to a batch partner's size changes attention features
+            result = evaluate_detector(model, self.val_set, self.info, batch_size=1,
                                        workers=loader.num_workers, precision=self.precision)
         finally:
             model.transform.min_size, model.transform.max_size = saved

@@ -1,0 +1,484 @@
+"""Write the detection references in ``tests/data/detection/`` by running mmdetection 2.28.2 itself.
+
+What it runs, in float64 on the CPU, in eval mode:
+
+- **Mask R-CNN** exactly as the official STM-Evaluation config builds it
+  (``detection/configs/unified_models/unified_<x>/mask_rcnn_<x>_micro.py`` over ``../mask_rcnn_meta.py`` over
+  mmdet's ``_base_/models/mask_rcnn_r50_fpn.py``, ``_base_/datasets/coco_instance.py``,
+  ``_base_/schedules/schedule_1x.py``, ``_base_/default_runtime.py``; the ``_base_`` files are the ones shipped in
+  the mmdet 2.28.2 wheel, which equal the official repository's copies but for ``data_root``) on the official
+  ``unified_convnext_micro`` and ``unified_swin_micro`` detection backbones, ``backbone.pretrained=None``, 80 classes;
+- **RetinaNet** in the PVT setting of Twins (Meituan-AutoML/Twins ``detection/configs/
+  retinanet_pcpvt_s_fpn_1x_coco_pvt_setting.py``): mmdet's ``_base_/models/retinanet_r50_fpn.py`` with the backbone
+  replaced by the official ``unified_convnext_micro`` detection backbone (its kwargs as in its Mask R-CNN config) and
+  the neck ``FPN(in_channels=<4 widths>, out_channels=256, start_level=1, add_extra_convs='on_input', num_outs=5)``.
+
+Inputs are real JPEGs from ``../shared/data/imagenet-mini`` put through mmdet's own test pipeline
+(``LoadImageFromFile`` / ``MultiScaleFlipAug(img_scale=(1333, 800))`` -> ``Resize(keep_ratio)`` / ``Normalize`` /
+``Pad(size_divisor=32)``). Every weight comes from the key-seeded recipe of ``tests/reference.py`` (the backbone by its
+official key without ``backbone.``, i.e. ``paper_detection_state_dict``; every other tensor by its full mmdet key),
+with only the classification layer scaled (``CLS_SCALE``) so that detections pass ``score_thr``. See
+``tests/data/detection/README.md`` for what is stored and how to check against it.
+
+Nothing here is imported by the package or the tests; mmcv/mmdet live in a scratch folder, never in the venv:
+
+    .venv/bin/python tools/make_detection_reference.py \\
+        [--mmlab /work/scratch/mmlab] [--official /work/scratch/official] \\
+        [--mirror /work/.mirror/OpenGVLab+STM-Evaluation/repo] [--twins-mirror /work/.mirror/Meituan-AutoML+Twins/repo]
+
+``--mmlab`` gets mmcv 1.7.2 / mmseg 0.30.0 (as ``make_segmentation_reference.py`` installs them) and mmdet 2.28.2
+(pip ``--target``, ``--no-deps``) when they are missing; ``--official`` is made from the git mirror with
+``../shared/tools/official_setup.py`` when missing; the Twins mirror is only read to check the neck settings.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import inspect
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+OUT = REPO / "tests" / "data" / "detection"
+sys.path.insert(0, str(REPO))
+from tests.reference import official_state_dict, paper_detection_state_dict  # noqa: E402  (the project's recipe)
+from tools.make_segmentation_reference import dump_json, ensure_official, git_head, install_mmlab  # noqa: E402
+
+MMDET, MMCV = "2.28.2", "1.7.2"
+# paper model -> its official Mask R-CNN config, relative to detection/configs/
+MASK_RCNN = {
+    "unified_convnext_micro": "unified_models/unified_convnext/mask_rcnn_convnext_micro.py",
+    "unified_swin_micro": "unified_models/unified_swin/mask_rcnn_swin_micro.py",
+}
+RETINANET_BACKBONE = "unified_convnext_micro"
+TWINS_CONFIG = "detection/configs/retinanet_pcpvt_s_fpn_1x_coco_pvt_setting.py"
+# the classification layers' weights are multiplied by these (their biases are not): with the recipe's weights every
+# softmax score is ~1/81 and nothing passes score_thr=0.05 (Mask R-CNN); the sigmoid scores of RetinaNet all sit near
+# 0.5 with tiny gaps. See README.md.
+CLS_SCALE = {"mask_rcnn": 20.0, "retinanet": 20.0}
+CLS_KEY = {"mask_rcnn": "roi_head.bbox_head.fc_cls.weight", "retinanet": "bbox_head.retina_cls.weight"}
+# name -> image (relative to ../shared/data); one landscape, one portrait, neither side a multiple of 32 after resizing
+IMAGES = {
+    "landscape": "imagenet-mini/val/ILSVRC2012_val_00000078.JPEG",  # 500 x 359 (w x h)
+    "portrait": "imagenet-mini/val/ILSVRC2012_val_00000098.JPEG",  # 386 x 500
+}
+MEAN = np.array([123.675, 116.28, 103.53])
+STD = np.array([58.395, 57.12, 57.375])
+RPN_KEEP = 1000  # proposals stored (all of them: test_cfg.rpn.max_per_img)
+
+
+# ---------------------------------------------------------------- mmcv / mmdet on the CPU
+
+class _Ext(types.ModuleType):
+    """Stand-in for mmcv's compiled ``mmcv._ext``: torchvision's ``nms`` / ``roi_align``, every other op raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def missing(*args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError(f"mmcv._ext.{name} is not built")
+        return missing
+
+    @staticmethod
+    def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset: int) -> torch.Tensor:
+        assert offset == 0, offset
+        return torchvision.ops.nms(boxes, scores, iou_threshold)
+
+    @staticmethod
+    def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output: torch.Tensor, argmax_y: torch.Tensor,
+                          argmax_x: torch.Tensor, aligned_height: int, aligned_width: int, spatial_scale: float,
+                          sampling_ratio: int, pool_mode: int, aligned: bool) -> None:
+        assert pool_mode == 1, pool_mode  # 'avg'
+        output.copy_(torchvision.ops.roi_align(input, rois, (aligned_height, aligned_width), spatial_scale,
+                                               sampling_ratio, aligned))
+
+
+def install_mmdet(target: Path) -> None:
+    if not (target / "mmseg").is_dir() or not (target / "mmcv").is_dir():
+        install_mmlab(target)
+    if not (target / "mmdet").is_dir():
+        cmd = [sys.executable, "-m", "pip", "install", "--target", str(target), "--no-deps", f"mmdet=={MMDET}"]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+
+
+def import_mmdet(mmlab: Path, official: Path) -> types.ModuleType:
+    """Import mmdet with the ``mmcv._ext`` stand-in and register the official backbones in its BACKBONES."""
+    sys.path.insert(0, str(mmlab))
+    sys.modules["mmcv._ext"] = _Ext("mmcv._ext")
+    import mmcv
+    import mmdet
+    assert (mmdet.__version__, mmcv.__version__) == (MMDET, MMCV), (mmdet.__version__, mmcv.__version__)
+    # the real mmdet registry this time (not official_setup's stubs): `import mmdet_custom` registers Unified*
+    sys.path[:0] = [str(official / "detection"), str(official / "classification")]
+    import mmdet_custom  # noqa: F401
+    patch_mask_paste()
+    return mmdet
+
+
+def patch_mask_paste() -> None:
+    """float64 mask pasting: ``fcn_mask_head._do_paste_mask`` casts the mask probabilities to float32 before
+    ``F.grid_sample``; this re-defines the function from its own source with that one cast removed."""
+    from mmdet.models.roi_heads.mask_heads import fcn_mask_head as module
+    source = inspect.getsource(module._do_paste_mask)
+    old = "masks.to(dtype=torch.float32), grid, align_corners=False)"
+    assert source.count(old) == 1
+    exec(compile(source.replace(old, "masks, grid.to(masks.dtype), align_corners=False)"), module.__file__, "exec"),
+         module.__dict__)
+
+
+# ---------------------------------------------------------------- configs
+
+def config_folder(mmdet: types.ModuleType, official: Path, scratch: Path) -> Path:
+    """``detection/configs`` of the official code with ``_base_`` = the mmdet wheel's configs/_base_."""
+    folder = scratch / "configs"
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(official / "detection" / "configs", folder)
+    shutil.copytree(Path(mmdet.__file__).parent / ".mim" / "configs" / "_base_", folder / "_base_")
+    return folder
+
+
+def check_base_equals_official(folder: Path, mirror: Path) -> list[str]:
+    """The wheel's ``_base_`` files used here against the official repository's copies: only ``data_root`` differs."""
+    import mmcv
+    notes = []
+    for rel in ("models/mask_rcnn_r50_fpn.py", "datasets/coco_instance.py", "schedules/schedule_1x.py",
+                "default_runtime.py"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(rel).name
+            path.write_text(git_head(mirror, f"detection/configs/_base_/{rel}"))
+            theirs = mmcv.Config.fromfile(str(path)).to_dict()
+        ours = mmcv.Config.fromfile(str(folder / "_base_" / rel)).to_dict()
+        differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if rel.startswith("datasets"):
+            # data_root changes the data paths only, never the pipelines
+            assert ours["test_pipeline"] == theirs["test_pipeline"] and set(differ) <= {"data_root", "data"}, differ
+        else:
+            assert not differ, (rel, differ)
+        notes.append(f"_base_/{rel}: " + (f"differs from the official copy in {differ} only" if differ else "same"))
+    return notes
+
+
+def mask_rcnn_config(folder: Path, name: str) -> Any:
+    import mmcv
+    cfg = mmcv.Config.fromfile(str(folder / MASK_RCNN[name]))
+    cfg.model.backbone.pretrained = None
+    assert cfg.model.roi_head.bbox_head.num_classes == 80 and cfg.model.roi_head.mask_head.num_classes == 80
+    return cfg
+
+
+def retinanet_config(folder: Path, twins_mirror: Path, backbone: dict) -> tuple[Any, dict]:
+    """mmdet's retinanet_r50_fpn with the official backbone and the Twins PVT-setting neck (in_channels = widths)."""
+    import mmcv
+    cfg = mmcv.Config.fromfile(str(folder / "_base_" / "models" / "retinanet_r50_fpn.py"))
+    cfg.merge_from_dict({"data": mmcv.Config.fromfile(str(folder / "_base_" / "datasets" / "coco_detection.py")).data})
+    cfg.model.backbone = mmcv.ConfigDict(backbone)
+    neck = dict(type="FPN", in_channels=list(backbone["dims"]), out_channels=256, start_level=1,
+                add_extra_convs="on_input", num_outs=5)
+    twins = {"repo": "Meituan-AutoML/Twins", "config": TWINS_CONFIG}
+    if twins_mirror.is_dir():
+        text = git_head(twins_mirror, TWINS_CONFIG)
+        twins["commit"] = git_head(twins_mirror).strip()
+        # the file's `model` alone (its _base_ list names Twins' own copies of mmdet 2.0 base configs)
+        ns: dict = {}
+        exec(text.split("# optimizer")[0].replace("_base_ = [", "_unused = ["), ns)
+        theirs = ns["model"]["neck"]
+        assert {**theirs, "in_channels": None} == {**neck, "in_channels": None}, theirs
+        twins["neck"] = theirs
+    else:
+        print(f"no Twins mirror at {twins_mirror}: the neck settings are not checked against it")
+    cfg.model.neck = mmcv.ConfigDict(neck)
+    assert cfg.model.bbox_head.num_classes == 80
+    return cfg, twins
+
+
+# ---------------------------------------------------------------- inputs
+
+def load_input(cfg: Any, path: Path) -> tuple[np.ndarray, dict, torch.Tensor]:
+    """mmdet's test pipeline on one image: returns (resized RGB uint8 image, img_meta, float64 input).
+
+    The float64 input is ``(rgb - mean) / std`` of the resized uint8 image in float64, zero-padded at the bottom and
+    right to ``pad_shape`` -- what mmdet's pipeline computes in float32 (checked here to 1e-5).
+    """
+    from mmdet.datasets.builder import PIPELINES
+    from mmdet.datasets.pipelines import Compose
+    resized: list[np.ndarray] = []
+
+    @PIPELINES.register_module(force=True)
+    class _KeepResized:  # noqa: N801  (a pipeline step that records the resized uint8 image)
+        def __call__(self, results: dict) -> dict:
+            resized.append(results["img"].copy())
+            return results
+
+    pipeline = copy.deepcopy(cfg.data.test.pipeline)
+    steps = pipeline[1]["transforms"]
+    assert pipeline[1]["type"] == "MultiScaleFlipAug" and steps[0]["type"] == "Resize", pipeline
+    steps.insert(1, dict(type="_KeepResized"))
+    data = Compose(pipeline)(dict(img_info=dict(filename=str(path)), img_prefix=None))
+    img32 = data["img"][0]
+    meta = data["img_metas"][0].data
+    (bgr,) = resized
+    assert bgr.dtype == np.uint8 and bgr.shape == meta["img_shape"]
+    rgb = np.ascontiguousarray(bgr[..., ::-1])
+    x = build_input(rgb, meta["pad_shape"])
+    assert float((x[0].float() - img32).abs().max()) < 1e-5
+    meta = {k: meta[k] for k in ("filename", "ori_filename", "ori_shape", "img_shape", "pad_shape", "scale_factor",
+                                 "flip", "flip_direction")}
+    meta["batch_input_shape"] = tuple(x.shape[2:])
+    return rgb, meta, x
+
+
+def build_input(rgb: np.ndarray, pad_shape: tuple) -> torch.Tensor:
+    """The float64 network input from the resized RGB uint8 image (the recipe stated in README.md)."""
+    norm = (torch.from_numpy(rgb).double() - torch.from_numpy(MEAN)) / torch.from_numpy(STD)
+    x = torch.zeros(1, 3, pad_shape[0], pad_shape[1], dtype=torch.float64)
+    x[0, :, : rgb.shape[0], : rgb.shape[1]] = norm.permute(2, 0, 1)
+    return x
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- weights and models
+
+def recipe_state(model: torch.nn.Module, name: str, kind: str) -> tuple[dict[str, torch.Tensor], list, list]:
+    """The detector's weights in mmdet's layout: ``backbone.<official key>`` seeded by the official key, every other
+    tensor by its full mmdet key, ``num_batches_tracked`` as constructed, the classification weight scaled."""
+    own = model.state_dict()
+    constructed = [k for k in own if k.endswith("num_batches_tracked")]
+    drawn = [(k, list(v.shape)) for k, v in own.items() if k not in constructed]
+    backbone = [(k[len("backbone."):], shape) for k, shape in drawn if k.startswith("backbone.")]
+    state = {f"backbone.{k}": v for k, v in official_state_dict(backbone).items()}
+    paper = paper_detection_state_dict(name)  # the same tensors, by the project's own helper
+    assert sorted(paper) == sorted(state) and all(torch.equal(paper[k], state[k]) for k in paper), name
+    state.update(official_state_dict([(k, s) for k, s in drawn if not k.startswith("backbone.")]))
+    state.update({k: own[k] for k in constructed})
+    state[CLS_KEY[kind]] = state[CLS_KEY[kind]] * CLS_SCALE[kind]
+    entries = [[k, list(v.shape)] for k, v in own.items()]
+    return state, entries, constructed
+
+
+def build(cfg: Any, name: str, kind: str) -> tuple[torch.nn.Module, list, list]:
+    from mmdet.models import build_detector
+    model = build_detector(copy.deepcopy(cfg.model)).double()
+    state, entries, constructed = recipe_state(model, name, kind)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), entries, constructed
+
+
+# ---------------------------------------------------------------- running
+
+def gaps(scores: np.ndarray) -> float:
+    """Smallest difference between two scores (how safe comparing orders is); inf for fewer than 2."""
+    s = np.sort(scores)
+    return float(np.diff(s).min()) if len(s) > 1 else float("inf")
+
+
+def per_class(bbox_result: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """mmdet's per-class ``[(n_c, 5)] * 80`` flattened in class order: (n, 5) boxes+scores and (n,) labels."""
+    boxes = np.concatenate(bbox_result, 0) if bbox_result else np.zeros((0, 5))
+    labels = np.concatenate([np.full(len(b), c, dtype=np.int64) for c, b in enumerate(bbox_result)])
+    return boxes, labels
+
+
+def pack_masks(segm_result: list[list[np.ndarray]], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    masks = [m for cls in segm_result for m in cls]
+    stack = np.stack(masks).astype(bool) if masks else np.zeros((0, *shape), dtype=bool)
+    assert stack.shape[1:] == tuple(shape), (stack.shape, shape)
+    return np.packbits(stack.reshape(-1)), np.array(stack.shape)
+
+
+def run_mask_rcnn(model: torch.nn.Module, x: torch.Tensor, meta: dict) -> tuple[dict[str, np.ndarray], dict]:
+    metas = [meta]
+    roi = model.roi_head
+    with torch.no_grad():
+        feats = model.extract_feat(x)
+        proposals = model.rpn_head.simple_test_rpn(feats, metas)[0]
+        det_boxes, det_labels = roi.simple_test_bboxes(feats, metas, [proposals], roi.test_cfg, rescale=True)
+        (bbox_true, segm_true), = model.simple_test(x, metas, rescale=True)  # the whole thing, as mmdet tests it
+        (bbox_false, segm_false), = roi.simple_test(feats, [proposals], metas, rescale=False)
+        # the pre-NMS class scores of all proposals (to see how far the candidates are from score_thr)
+        rois = proposals.new_zeros(len(proposals), 5)
+        rois[:, 1:] = proposals[:, :4]
+        cls_prob = torch.softmax(roi._bbox_forward(feats, rois)["cls_score"], -1)[:, :-1]
+    assert proposals.dtype == torch.float64 and det_boxes[0].dtype == torch.float64
+    boxes, labels = per_class(bbox_true)
+    boxes_f, labels_f = per_class(bbox_false)
+    masks, mask_shape = pack_masks(segm_true, meta["ori_shape"][:2])
+    masks_f, mask_shape_f = pack_masks(segm_false, meta["img_shape"][:2])
+    out = {
+        "proposals": proposals[:RPN_KEEP].numpy(),  # (n, 5): x1 y1 x2 y2 score, mmdet's order
+        "det_bboxes": det_boxes[0].numpy(), "det_labels": det_labels[0].numpy(),  # multiclass_nms order, rescaled
+        "bboxes": boxes, "labels": labels, "masks": masks, "mask_shape": mask_shape,  # per class, rescale=True
+        "bboxes_noscale": boxes_f, "labels_noscale": labels_f, "masks_noscale": masks_f,
+        "mask_shape_noscale": mask_shape_f,
+    }
+    p = cls_prob.flatten().numpy()
+    margins = {
+        "detections": int(len(labels)),
+        "proposals": int(len(proposals)),
+        "proposal_score_min_gap": gaps(proposals[:, 4].numpy()),
+        "detection_score_min_gap": gaps(boxes[:, 4]),
+        "candidates_over_score_thr": int((p > roi.test_cfg.score_thr).sum()),
+        "closest_class_score_to_score_thr": float(np.abs(p - roi.test_cfg.score_thr).min()),
+        "detections_per_class_max": int(np.bincount(labels, minlength=80).max()) if len(labels) else 0,
+    }
+    assert (boxes[:, 4] > roi.test_cfg.score_thr).all() and len(boxes) == len(det_boxes[0])
+    return out, margins
+
+
+def run_retinanet(model: torch.nn.Module, x: torch.Tensor, meta: dict) -> tuple[dict[str, np.ndarray], dict]:
+    metas = [meta]
+    with torch.no_grad():
+        feats = model.extract_feat(x)
+        (det_boxes, det_labels), = model.bbox_head.simple_test(feats, metas, rescale=True)
+        bbox_true, = model.simple_test(x, metas, rescale=True)
+        scores = torch.cat([s.sigmoid().flatten() for s in model.bbox_head(feats)[0]]).numpy()
+    assert det_boxes.dtype == torch.float64
+    boxes, labels = per_class(bbox_true)
+    out = {"det_bboxes": det_boxes.numpy(), "det_labels": det_labels.numpy(), "bboxes": boxes, "labels": labels}
+    cfg = model.bbox_head.test_cfg
+    margins = {
+        "detections": int(len(labels)),
+        "detection_score_min_gap": gaps(boxes[:, 4]),
+        "anchor_scores_over_score_thr": int((scores > cfg.score_thr).sum()),
+        "closest_anchor_score_to_score_thr": float(np.abs(scores - cfg.score_thr).min()),
+    }
+    return out, margins
+
+
+def savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    np.savez_compressed(path, **arrays)
+    size = path.stat().st_size
+    print(f"  {path.name}: {size / 1024:.0f} KiB", flush=True)
+    assert size < 300 * 1024, f"{path} is {size} bytes"
+
+
+def jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mmlab", type=Path, default=Path("/work/scratch/mmlab"), help="pip --target folder")
+    parser.add_argument("--official", type=Path, default=Path("/work/scratch/official"), help="official_setup.py output")
+    parser.add_argument("--mirror", type=Path, default=Path("/work/.mirror/OpenGVLab+STM-Evaluation/repo"))
+    parser.add_argument("--twins-mirror", type=Path, default=Path("/work/.mirror/Meituan-AutoML+Twins/repo"))
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--models", nargs="*", default=[*(f"mask_rcnn_{n}" for n in MASK_RCNN),
+                                                         f"retinanet_{RETINANET_BACKBONE}"])
+    args = parser.parse_args()
+
+    install_mmdet(args.mmlab)
+    ensure_official(args.official, args.mirror)
+    mmdet = import_mmdet(args.mmlab, args.official)
+    torch.set_grad_enabled(False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    folder = config_folder(mmdet, args.official, args.mmlab.with_name(args.mmlab.name + "-det"))
+    base_notes = check_base_equals_official(folder, args.mirror)
+    official_commit = git_head(args.mirror).strip()
+    meta_common = {"mmdet": MMDET, "mmcv": MMCV, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                   "official": {"repo": "OpenGVLab/STM-Evaluation", "commit": official_commit},
+                   "dtype": "float64", "device": "cpu", "threads": torch.get_num_threads()}
+
+    # inputs: the same test pipeline for both detectors (coco_instance's == coco_detection's, checked)
+    first = mask_rcnn_config(folder, next(iter(MASK_RCNN)))
+    inputs = {}
+    image_record = {}
+    for tag, rel in IMAGES.items():
+        rgb, meta, x = load_input(first, SHARED / "data" / rel)
+        png = png_bytes(rgb)
+        (args.out / f"input_{tag}.png").write_bytes(png)
+        inputs[tag] = (meta, x)
+        image_record[tag] = {
+            "source": f"../shared/data/{rel}", "png": f"input_{tag}.png",
+            "png_sha256": hashlib.sha256(png).hexdigest(),
+            "ori_shape": list(meta["ori_shape"]), "img_shape": list(meta["img_shape"]),
+            "pad_shape": list(meta["pad_shape"]), "batch_input_shape": list(meta["batch_input_shape"]),
+            "scale_factor": [float(v) for v in meta["scale_factor"]],  # float32 values, as mmdet stores them
+            "input_sum": float(x.sum()), "input_abs_sum": float(x.abs().sum()),
+        }
+        print(f"{tag}: {rel} {meta['ori_shape']} -> {meta['img_shape']} padded {meta['pad_shape']}", flush=True)
+    (args.out / "inputs.json").write_text(json.dumps({
+        "pipeline": jsonable(first.data.test.pipeline),
+        "mean_rgb": MEAN.tolist(), "std_rgb": STD.tolist(),
+        "rebuild": "x = zeros(1, 3, *pad_shape[:2]); x[0, :, :h, :w] = ((png_rgb_uint8 - mean) / std) (float64, HWC "
+                   "-> CHW); the PNG is mmdet's resized image (cv2 bilinear), BGR -> RGB",
+        "images": image_record}, indent=1) + "\n")
+
+    for model_name in args.models:
+        kind, name = ("mask_rcnn", model_name[len("mask_rcnn_"):]) if model_name.startswith("mask_rcnn_") else \
+            ("retinanet", model_name[len("retinanet_"):])
+        start = time.time()
+        if kind == "mask_rcnn":
+            cfg, extra = mask_rcnn_config(folder, name), {"config_files": [
+                f"official detection/configs/{MASK_RCNN[name]}", "official detection/configs/unified_models/"
+                "mask_rcnn_meta.py", *(f"mmdet {MMDET} wheel .mim/configs/{n}" for n in (
+                    "_base_/models/mask_rcnn_r50_fpn.py", "_base_/datasets/coco_instance.py",
+                    "_base_/schedules/schedule_1x.py", "_base_/default_runtime.py"))], "base_check": base_notes}
+        else:
+            backbone = dict(mask_rcnn_config(folder, name).model.backbone)
+            cfg, twins = retinanet_config(folder, args.twins_mirror, backbone)
+            assert jsonable(cfg.data.test.pipeline) == jsonable(first.data.test.pipeline)
+            extra = {"config_files": [f"mmdet {MMDET} wheel .mim/configs/_base_/models/retinanet_r50_fpn.py",
+                                      f"mmdet {MMDET} wheel .mim/configs/_base_/datasets/coco_detection.py (pipeline)",
+                                      f"backbone: official detection/configs/{MASK_RCNN[name]} (pretrained=None)"],
+                     "neck_from": twins}
+        model, entries, constructed = build(cfg, name, kind)
+        params = sum(p.numel() for p in model.parameters())
+        if model_name == "mask_rcnn_unified_convnext_micro":
+            assert params == 23_983_696, params
+        margins = {}
+        for tag, (meta, x) in inputs.items():
+            t0 = time.time()
+            arrays, margins[tag] = (run_mask_rcnn if kind == "mask_rcnn" else run_retinanet)(model, x, meta)
+            margins[tag]["seconds"] = round(time.time() - t0, 1)
+            print(f"{model_name} {tag}: {margins[tag]}", flush=True)
+            savez(args.out / f"{model_name}_{tag}.npz", arrays)
+        record = {
+            "detector": kind, "backbone": name, **meta_common, **extra,
+            "cls_scale": {"key": CLS_KEY[kind], "factor": CLS_SCALE[kind]},
+            "seed": "backbone.<k>: official_state_dict([(k, shape)]) (= paper_detection_state_dict); every other key: "
+                    "official_state_dict([(key, shape)]) by its full mmdet key; then state[cls_scale.key] *= factor",
+            "inputs": sorted(inputs), "margins": margins, "parameters": params,
+            "seconds": round(time.time() - start, 1),
+            "config": jsonable(cfg.model.to_dict()),
+            "entries": entries, "constructed": constructed,
+        }
+        (args.out / f"{model_name}.json").write_text(dump_json(record))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
