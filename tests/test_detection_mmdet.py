@@ -81,3 +81,22 @@ def test_weight_decay_is_the_official_configs(name: str) -> None:
     assert not any(n.startswith(("rpn.", "roi_heads.")) for n in (names[id(p)] for p in no_decay["params"]))
     _, loose = param_groups(detector, 0.05, "all_norms")
     assert len(loose["params"]) > len(no_decay["params"])  # the classification recipe's rule, kept as an option
+
+
+def test_training_batches_hold_one_aspect() -> None:
+    """mmdet's GroupSampler: every global batch is all landscape or all portrait, on one process or two."""
+    from tokenmixers.data import EpochSampler
+
+    flags = [1, 0, 1, 1, 0, 0, 1, 0, 1]  # 5 landscape, 4 portrait
+    for world, per_process in ((1, 10), (2, 6)):
+        streams = [EpochSampler(flags, rank, world, seed=3, groups=flags, block=2 * world) for rank in range(world)]
+        for s in streams:
+            s.set_epoch(1)
+        order = [list(s) for s in streams]
+        assert all(len(o) == per_process for o in order)  # each group filled up to whole blocks of 2 x world
+        steps = [[i for o in order for i in o[k: k + 2]] for k in range(0, len(order[0]), 2)]
+        assert all(len({flags[i] for i in step}) == 1 for step in steps)
+    whole, resumed = (EpochSampler(flags, 0, 1, seed=3, groups=flags, block=2) for _ in range(2))
+    whole.set_epoch(1)
+    resumed.set_epoch(1, start=4)  # an interrupted epoch continues with the same order
+    assert list(resumed) == list(whole)[4:] and len(resumed) == 6

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import random
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -243,11 +245,21 @@ class EpochSampler(DistributedSampler):
     Process r takes every world-th sample of a common permutation starting at r, so the samples of
     one global step are the same whatever the number of processes. ``start`` skips the samples an
     interrupted run already consumed.
+
+    With ``groups`` (one group id per sample, e.g. landscape / portrait) every global batch of
+    ``block`` samples comes from one group, as mmdetection's ``GroupSampler`` batches images of one
+    aspect: each group is shuffled and cut into blocks (its last block filled up with its own
+    samples, repeated), and the blocks are shuffled.
     """
 
-    def __init__(self, dataset: Dataset, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, dataset: Dataset, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True,
+                 groups: Optional[Sequence[int]] = None, block: int = 1) -> None:
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.start = 0
+        self.groups, self.block = (list(groups) if groups is not None else None), block
+        if self.groups is not None:
+            sizes = Counter(self.groups).values()
+            self.num_samples = sum(math.ceil(n / block) * block for n in sizes) // world
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's order and the first sample (per process) to yield."""
@@ -255,10 +267,23 @@ class EpochSampler(DistributedSampler):
         self.start = start
 
     def __len__(self) -> int:
-        return super().__len__() - self.start
+        return self.num_samples - self.start
+
+    def grouped_order(self) -> list[int]:
+        """The epoch's permutation of whole single-group blocks."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        blocks = []
+        for group in sorted(set(self.groups)):  # type: ignore[arg-type]
+            members = [i for i, x in enumerate(self.groups) if x == group]  # type: ignore[arg-type]
+            order = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+            order += (order * (self.block // len(order) + 1))[: -len(order) % self.block]
+            blocks += [order[k: k + self.block] for k in range(0, len(order), self.block)]
+        return [i for b in torch.randperm(len(blocks), generator=g).tolist() for i in blocks[b]]
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
+        if self.groups is None:
+            return itertools.islice(super().__iter__(), self.start, None)
+        return itertools.islice(iter(self.grouped_order()[self.rank::self.num_replicas]), self.start, None)
 
 
 class ShardSampler(Sampler[int]):

@@ -768,7 +768,9 @@ class _Run:
             train_set.seed = cfg.seed  # augmentation seeded per sample: the same whichever process draws it
         self.workers = resolve_workers(cfg.workers)
         pin = cfg.pin_memory and info.device.type == "cuda"
-        self.sampler = EpochSampler(train_set, info.rank, info.world_size, seed=cfg.seed)
+        # a task's dataset may group its samples (detection: by aspect); then every global batch is one group's
+        self.sampler = EpochSampler(train_set, info.rank, info.world_size, seed=cfg.seed,
+                                    groups=getattr(train_set, "group_flags", None), block=cfg.batch_size * info.world_size)
         self.train_loader = loader(train_set, cfg.batch_size, self.sampler, self.workers, drop_last=True, pin_memory=pin)
         self.val_loader = loader(val_set, cfg.batch_size, ShardSampler(len(val_set), info.rank, info.world_size),
                                  self.workers, pin_memory=pin)

@@ -79,6 +79,13 @@ class CocoDetection(Dataset):
         return f"{self.root}:{self.split}"
 
     @property
+    def group_flags(self) -> Optional[list[int]]:
+        """Training: 1 for a landscape image, 0 otherwise, so batches hold one aspect (mmdet's ``GroupSampler``)."""
+        if not self.train:
+            return None
+        return [int(self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] > 1) for i in self.image_ids]
+
+    @property
     def num_classes(self) -> int:
         """Object classes (background not counted)."""
         return len(self.category_ids)
