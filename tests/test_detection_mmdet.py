@@ -10,7 +10,8 @@ from torchvision.models.detection.image_list import ImageList
 
 from tokenmixers.converters import stm_eval
 from tokenmixers.detection import create_detector
-from tokenmixers.detection.detector import MaxIoUAssigner, rescale_size
+from tokenmixers.detection.data import rescale_size
+from tokenmixers.detection.detector import MaxIoUAssigner
 from tokenmixers.detection.evaluate import evaluate_checkpoint, evaluate_detector
 from tokenmixers.detection.task import OFFICIAL_NO_DECAY, DetectionSettings, param_groups
 
@@ -100,3 +101,28 @@ def test_training_batches_hold_one_aspect() -> None:
     whole.set_epoch(1)
     resumed.set_epoch(1, start=4)  # an interrupted epoch continues with the same order
     assert list(resumed) == list(whole)[4:] and len(resumed) == 6
+
+
+def test_swin_3x_crop_policy() -> None:
+    """Resize to 400/500/600, crop 384-600 per side, boxes clipped into the crop, empty ones dropped with masks."""
+    import random
+
+    from tokenmixers.detection.data import crop_policy
+    from tokenmixers.detection.task import Detection
+
+    assert Detection.load_settings("mask_rcnn_3x").crop_branch and not Detection.load_settings("mask_rcnn_1x").crop_branch
+    masks = torch.zeros(2, 480, 640, dtype=torch.uint8)
+    masks[0, 100:200, 100:300] = 1
+    masks[1, 0:10, 630:640] = 1
+    target = {"boxes": torch.tensor([[100.0, 100.0, 300.0, 200.0], [630.0, 0.0, 640.0, 10.0]]),
+              "labels": torch.tensor([1, 2]), "masks": masks}
+    sizes, kept = set(), set()
+    for seed in range(40):
+        image, out = crop_policy(torch.rand(3, 480, 640), target, random.Random(seed))
+        h, w = image.shape[1:]
+        assert 384 <= h <= 600 and 384 <= w <= 600 and out["masks"].shape[1:] == (h, w)
+        assert (out["boxes"][:, 0::2] <= w).all() and (out["boxes"][:, 1::2] <= h).all() and (out["boxes"] >= 0).all()
+        assert len(out["boxes"]) == len(out["labels"]) == len(out["masks"])
+        sizes.add(h)
+        kept.add(len(out["boxes"]))
+    assert len(sizes) > 5 and 1 in kept  # crops of many sizes; the corner box cut away where the crop misses it

@@ -32,6 +32,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..coco import find_split, load_coco, quiet_pycocotools
@@ -49,10 +50,14 @@ class CocoDetection(Dataset):
         train: training items (images without annotations or under 32 px left out, random flips);
             otherwise every image of the split, in file order.
         hflip: flip probability in training.
+        crop_branch: in training, half the images take the crop policy of mmdet's Swin 3x recipe
+            (:func:`crop_policy`) after the flip.
     """
 
-    def __init__(self, root: PathLike, split: str, *, train: bool = False, hflip: float = 0.5) -> None:
+    def __init__(self, root: PathLike, split: str, *, train: bool = False, hflip: float = 0.5,
+                 crop_branch: bool = False) -> None:
         self.root, self.split, self.train, self.hflip = Path(root).expanduser(), split, train, hflip
+        self.crop_branch = crop_branch
         self.annotation_file, self.image_dir = find_split(self.root, split)
         self.coco = load_coco(self.annotation_file)
         self.category_ids = sorted(self.coco.cats)
@@ -166,15 +171,19 @@ class CocoDetection(Dataset):
                 masks = [self.coco.annToMask(a) for a in stored["anns"]]
             h, w = image.shape[1:]
             target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
-        if self.train and self._draw(index) < self.hflip:
-            image, target = flip(image, target)
+        if self.train:
+            rng = self._rng(index)
+            if rng.random() < self.hflip:
+                image, target = flip(image, target)
+            if self.crop_branch and rng.random() < 0.5:  # AutoAugment: one of two policies, uniformly
+                image, target = crop_policy(image, target, rng)
         return image, target
 
-    def _draw(self, index: int) -> float:
-        """A uniform number for the flip: per (seed, epoch, index) in deterministic mode, else random."""
+    def _rng(self, index: int) -> random.Random:
+        """The item's random draws: per (seed, epoch, index) in deterministic mode, else from the global generator."""
         if self.seed is None:
-            return random.random()
-        return random.Random((self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**31).random()
+            return random.Random(random.getrandbits(64))
+        return random.Random((self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**31)
 
     @staticmethod
     def collate(batch: Sequence[Optional[tuple[torch.Tensor, dict]]]) -> tuple[list[torch.Tensor], list[dict], int]:
@@ -192,3 +201,39 @@ def flip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Te
     if "masks" in target:
         out["masks"] = target["masks"].flip(-1)
     return image.flip(-1), out
+
+
+def rescale_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
+    """mmcv's keep-ratio size: the largest that fits ``short`` x ``long``, each side rounded to nearest.
+
+    (torchvision rounds down: a 640x480 image becomes 1066x800 there, 1067x800 in mmdet.)
+    """
+    factor = min(short / min(height, width), long / max(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def crop_policy(image: torch.Tensor, target: dict[str, torch.Tensor], rng: random.Random,
+                shorter: Sequence[int] = (400, 500, 600), crop: tuple[int, int] = (384, 600),
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The second AutoAugment policy of mmdet's Swin ``ms-crop-3x`` recipe, before its final multi-scale resize.
+
+    Resize keeping the ratio to a shorter side of 400, 500 or 600 (longer side at most 1333), then
+    ``RandomCrop(crop_type="absolute_range", crop_size=(384, 600), allow_negative_crop=True)``: each
+    side 384-600 px (at most the image's), at a random offset; boxes shifted and clipped into the
+    crop, those left without area dropped with their labels and masks (an image may end up empty).
+    """
+    h, w = image.shape[1:]
+    size = rescale_size(h, w, rng.choice(list(shorter)), 1333)
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    boxes = target["boxes"] * torch.tensor([size[1] / w, size[0] / h] * 2)
+    masks = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte() if "masks" in target else None
+    ch, cw = (rng.randint(min(n, crop[0]), min(n, crop[1])) for n in size)
+    y0, x0 = rng.randint(0, size[0] - ch), rng.randint(0, size[1] - cw)
+    boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, cw)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ch)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    out = {**target, "boxes": boxes[keep], "labels": target["labels"][keep]}
+    if masks is not None:
+        out["masks"] = masks[keep][:, y0: y0 + ch, x0: x0 + cw]
+    return image[:, y0: y0 + ch, x0: x0 + cw], out

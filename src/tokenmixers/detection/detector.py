@@ -57,6 +57,7 @@ from ..checkpoint import Checkpoint, CheckpointError, LoadReport, checkpoint_fro
 from ..dense import create_backbone
 from ..files import atomic_write, atomic_write_text
 from ..zoo import load_checkpoint
+from .data import rescale_size
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FPN_CHANNELS = 256
@@ -247,15 +248,6 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
         sampled = F.grid_sample(mask[None, None], grid, align_corners=False)[0, 0]
         out[i, ya:yb, xa:xb] = sampled >= threshold
     return out
-
-
-def rescale_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
-    """mmcv's keep-ratio size: the largest that fits ``short`` x ``long``, each side rounded to nearest.
-
-    (torchvision rounds down: a 640x480 image becomes 1066x800 there, 1067x800 in mmdet.)
-    """
-    factor = min(short / min(height, width), long / max(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 class DetectionTransform(GeneralizedRCNNTransform):

@@ -58,6 +58,7 @@ class DetectionSettings(RunSettings):
     reset_heads: bool = False             # init_weights with another number of classes: new class-specific layers
     variant: Literal["official", "masked"] = "official"  # the backbone's padding / shift / position behaviour
     min_size: tuple[int, ...] = (800,)    # training shorter side(s); several: one drawn per image
+    crop_branch: bool = False             # half the images resized to 400-600 and cropped first (Swin's 3x recipe)
     max_size: int = 1333                  # longer side cap
     test_size: int = 800                  # evaluation shorter side
     hflip: float = 0.5
@@ -116,7 +117,7 @@ class Detection(Task):
         cfg = self.cfg
         if not cfg.data:
             raise DataError("no data: give a COCO-format folder (data=<folder>, command line --data)")
-        train_set = CocoDetection(cfg.data, cfg.train_split, train=True, hflip=cfg.hflip)
+        train_set = CocoDetection(cfg.data, cfg.train_split, train=True, hflip=cfg.hflip, crop_branch=cfg.crop_branch)
         val_set = CocoDetection(cfg.data, cfg.val_split)
         if cfg.eval_images:
             val_set.image_ids = val_set.image_ids[: cfg.eval_images]
