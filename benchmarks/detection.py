@@ -8,6 +8,8 @@ that load on the shared CPU hits them alike.
 
     python benchmarks/detection.py                       # all five micro detectors, both sizes
     python benchmarks/detection.py --sizes 320 --iters 5
+    python benchmarks/detection.py --models unified_convnext_micro unified_convnext_tiny torchvision_r50
+        # side by side with torchvision's own maskrcnn_resnet50_fpn (random weights, same image)
 
 Prints a markdown table and writes benchmarks/results/detection.json.
 """
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torchvision
 
 from speed import FAMILIES, round_robin
 from tokenmixers.detection import create_detector
@@ -27,6 +31,7 @@ from tokenmixers.detection.data import CocoDetection
 from tokenmixers.files import atomic_write_text
 
 NUCLEI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-nuclei"
+TORCHVISION = "torchvision_r50"  # torchvision's maskrcnn_resnet50_fpn, the detector users know
 SIZES = {320: (320, 320), 800: (800, 1333)}
 
 
@@ -37,7 +42,11 @@ def detector_fns(names: list[str], size: int) -> tuple[dict[str, Callable[[], No
     infer, train = {}, {}
     for name in names:
         torch.manual_seed(0)
-        detector = create_detector(name, 1, min_size=short, max_size=long)
+        if name == TORCHVISION:
+            detector = torchvision.models.detection.maskrcnn_resnet50_fpn(
+                weights=None, weights_backbone=None, num_classes=2, min_size=short, max_size=long)
+        else:
+            detector = create_detector(name, 1, min_size=short, max_size=long)
         # a wide image (the 256x256 tile stretched) so the long side reaches the cap at the large size
         wide = torch.nn.functional.interpolate(image[None], size=(256, round(256 * long / short)), mode="bilinear")[0]
         scale_x = wide.shape[-1] / image.shape[-1]
@@ -79,7 +88,8 @@ def main() -> None:
         inf_s = round_robin(infer, args.warmup, args.iters)
         train_s = round_robin(train, args.warmup, args.iters)
         for name in args.models:
-            results["seconds"][f"{name}@{size}"] = {"inference": inf_s[name], "train_step": train_s[name]}
+            results["seconds"][f"{name}@{size}"] = {"inference": statistics.median(inf_s[name]),
+                                                    "train_step": statistics.median(train_s[name])}
         print(f"size {SIZES[size]} timed in {time.time() - t0:.0f}s", flush=True)
     print(f"\n| model | {' | '.join(f'inference {SIZES[s][0]}x{SIZES[s][1]} (s)' for s in args.sizes)} | "
           f"{' | '.join(f'train step {SIZES[s][0]}x{SIZES[s][1]} (s)' for s in args.sizes)} |")
