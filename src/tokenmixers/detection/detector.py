@@ -103,12 +103,15 @@ class MMDetAnchorGenerator(AnchorGenerator):
         self, scales: list[int], aspect_ratios: list[float], dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
     ) -> torch.Tensor:
-        """Zero-centred ``(len(ratios) * len(scales), 4)`` anchors, ratio-major as in both libraries."""
-        scales_t = torch.as_tensor(scales, dtype=dtype, device=device)
-        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
+        """Zero-centred ``(len(ratios) * len(scales), 4)`` anchors, ratio-major as in both libraries.
+
+        Computed in float32 whatever the model's dtype, as mmdet does, so a float64 detector sees the
+        same anchors as mmdet's float64 run."""
+        scales_t = torch.as_tensor(scales, dtype=torch.float32, device=device)
+        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=torch.float32, device=device))
         ws = (scales_t[None, :] / h_ratios[:, None]).reshape(-1)
         hs = (scales_t[None, :] * h_ratios[:, None]).reshape(-1)
-        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).to(dtype)
 
 
 class LevelRoIAlign(nn.Module):
