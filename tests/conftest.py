@@ -32,7 +32,8 @@ SLOW_FIRST = ("test_micro_detector_learns_the_nuclei", "test_invariance_under_to
               "test_torchrun_evaluates_every_image_once", "test_the_mixers_published_after_the_paper_are_fitted",
               "test_compare_published_twins_and_unified", "test_sigkill_mid_epoch_then_resume_is_exact",
               "test_the_task_trains_on_two_processes_launched_as_slurm_does",
-              "test_training_on_real_nuclei_masks_then_eval_and_predict", "test_mmseg_parity")
+              "test_training_on_real_nuclei_masks_then_eval_and_predict", "test_mmseg_parity",
+              "test_mask_rcnn_gives_mmdets_detections")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
