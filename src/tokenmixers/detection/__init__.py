@@ -6,6 +6,8 @@
 """
 from ..dense import DetectionBackbone, TimmBackbone, create_backbone, load_imagenet
 from .detector import Detector, create_detector, holds_detector, load_detector, load_detector_weights, save_detector
+from .retinanet import MMDetRetinaNet, create_retinanet, load_retinanet_weights
 
 __all__ = ["DetectionBackbone", "TimmBackbone", "create_backbone", "load_imagenet", "Detector", "create_detector",
-           "holds_detector", "load_detector", "load_detector_weights", "save_detector"]
+           "holds_detector", "load_detector", "load_detector_weights", "save_detector", "MMDetRetinaNet",
+           "create_retinanet", "load_retinanet_weights"]

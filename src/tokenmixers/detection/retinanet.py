@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,9 @@ from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, box_iou, nms, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
+from ..checkpoint import Checkpoint, CheckpointError, LoadReport, checkpoint_from_mapping, read_checkpoint
 from ..dense import create_backbone
+from ..zoo import load_checkpoint
 from .detector import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, MaxIoUAssigner, MMDetAnchorGenerator
 
 FPN_CHANNELS = 256
@@ -53,8 +55,9 @@ class OctaveAnchorGenerator(MMDetAnchorGenerator):
 
     def __init__(self, octave_base_scale: float = 4.0, scales_per_octave: int = 3,
                  ratios: tuple[float, ...] = RATIOS, strides: tuple[int, ...] = STRIDES) -> None:
-        super().__init__(tuple((s,) for s in strides), (ratios,) * len(strides), strides)
+        # set first: the parent's constructor already generates the base anchors
         self.octave_scales = [2 ** (i / scales_per_octave) * octave_base_scale for i in range(scales_per_octave)]
+        super().__init__(tuple((s,) for s in strides), (ratios,) * len(strides), strides)
 
     def num_anchors_per_location(self) -> list[int]:
         """Anchors per cell on each level: ratios x scales."""
@@ -254,3 +257,33 @@ def create_retinanet(
     model = MMDetRetinaNet(BackboneRetinaFPN(body), num_classes, transform, config)
     _init_like_mmdet(model)
     return model
+
+
+CLASS_LAYER = "head.classification_head.cls_logits."
+
+
+def load_retinanet_weights(model: MMDetRetinaNet, checkpoint: Union[str, Path, Checkpoint, Mapping[str, Any]], *,
+                           reset_heads: bool = False, entry: str = "auto") -> LoadReport:
+    """Load a RetinaNet checkpoint (ours or mmdet's) into ``model``, all or nothing; returns the report.
+
+    A checkpoint with another number of classes is refused unless ``reset_heads`` re-initialises the class layer.
+    """
+    if isinstance(checkpoint, Checkpoint):
+        read = checkpoint
+    elif isinstance(checkpoint, Mapping):
+        read = checkpoint_from_mapping(checkpoint, entry)
+    else:
+        read = read_checkpoint(checkpoint, entry)
+    state, own = read.weights(entry), model.state_dict()
+    key, notes = CLASS_LAYER + "weight", []
+    if key in state and state[key].shape != own[key].shape:
+        if not reset_heads:
+            raise CheckpointError(
+                f"checkpoint {read.path}'s class layer has {state[key].shape[0]} outputs, the detector's "
+                f"{own[key].shape[0]}; the detector was left unchanged. To fine-tune, re-initialise the class layer: "
+                "reset_heads=True.")
+        state = {k: (own[k] if k.startswith(CLASS_LAYER) else v) for k, v in state.items()}
+        notes.append("class layer re-initialised")
+    report = load_checkpoint(model, read.with_weights(state))
+    report.adapted += notes
+    return report
