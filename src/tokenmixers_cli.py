@@ -93,8 +93,9 @@ def _output_folder(path: str, option: str) -> Path:
 
 
 def _run_overrides(args: argparse.Namespace) -> list[str]:
-    """``key=value`` overrides plus the shortcut flags (--model, --data, --output, --resume, --overwrite)."""
-    extra = [f"{k}={getattr(args, k)}" for k in ("model", "data", "output", "resume") if getattr(args, k, None) is not None]
+    """``key=value`` overrides plus the shortcut flags (--model, --data, --output, --resume, --overwrite, --detector)."""
+    extra = [f"{k}={getattr(args, k)}" for k in ("model", "data", "output", "resume", "detector")
+             if getattr(args, k, None) is not None]
     if getattr(args, "overwrite", False):
         extra.append("overwrite=true")
     return extra + list(args.overrides)
@@ -429,9 +430,10 @@ TEST_SCALE = [
 ]
 
 
-@command("detect train", "train a detector (recipes: mask_rcnn_1x, mask_rcnn_3x, smoke, or a YAML file)",
+@command("detect train", "train a detector (recipes: mask_rcnn_1x, mask_rcnn_3x, retinanet_1x, smoke, or a YAML file)",
          *RUN,
-         arg("--recipe", default="mask_rcnn_1x", help="mask_rcnn_1x, mask_rcnn_3x, smoke or a YAML file"),
+         arg("--recipe", default="mask_rcnn_1x", help="mask_rcnn_1x, mask_rcnn_3x, retinanet_1x, smoke or a YAML file"),
+         arg("--detector", default=None, choices=("mask_rcnn", "retinanet"), help="default: the recipe's"),
          arg("--data", default=None, help="COCO-format folder (instances_<split>.json and the images)"))
 def cmd_detect_train(args: argparse.Namespace) -> None:
     """Train a detector with a detection recipe and key=value overrides."""
@@ -489,12 +491,15 @@ def cmd_detect_eval(args: argparse.Namespace) -> None:
          *TEST_SCALE)
 def cmd_detect_predict(args: argparse.Namespace) -> None:
     """Draw a detector's boxes, masks and scores on images; write PNGs."""
+    from tokenmixers.checkpoint import read_checkpoint
     from tokenmixers.detection import load_detector
     from tokenmixers.detection.predict import predict_image
+    from tokenmixers.detection.retinanet import holds_retinanet, load_retinanet
     from tokenmixers.drawing import output_paths
 
     sizes = {"min_size": args.min_size, "max_size": args.max_size or 1333} if args.min_size else {}
-    detector, _ = load_detector(args.checkpoint, args.model, **sizes)
+    read = read_checkpoint(args.checkpoint)
+    detector, _ = (load_retinanet if holds_retinanet(read) else load_detector)(read, args.model, **sizes)
     for image, target in zip(args.images, output_paths(args.images, Path(args.out))):
         output = predict_image(detector, image, target, score_threshold=args.score_threshold, device=args.device)
         kept = int((output["scores"] >= args.score_threshold).sum())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,9 +84,29 @@ def test_retinanet_training_step_gives_finite_losses_and_gradients() -> None:
     # C2 (and its out norm) is computed by the backbone but not used: the FPN starts at C3 as mmdet's does
     unused = {n for n, p in model.named_parameters() if p.grad is None}
     assert unused == {"backbone.body.out_norms.0.weight", "backbone.body.out_norms.0.bias"}
+    assert not any(p.requires_grad for p in model.backbone.body.out_norms["0"].parameters())  # frozen: DDP-safe
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.head.classification_head.cls_logits.weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
         out = model(images)
     assert len(out) == 2 and all(((o["labels"] >= 1) & (o["labels"] <= 3)).all() for o in out)
+
+
+def test_retinanet_recipe_trains_and_evaluates_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """detect train --detector retinanet on the nuclei tiles (boxes only), then detect eval of its checkpoint."""
+    from tokenmixers.detection.task import Detection
+
+    from .conftest import SHARED, cli
+
+    recipe = Detection.load_settings("retinanet_1x")
+    assert (recipe.detector, recipe.decay_rule, recipe.weight_decay, recipe.warmup_iters) == ("retinanet", "every", 1e-4, 500)
+    nuclei = str(SHARED / "data" / "coco-nuclei")
+    code, out, err = cli(capsys, "detect", "train", "--recipe", "smoke", "--detector", "retinanet", "--data", nuclei,
+                         "--output", str(tmp_path / "run"), "epochs=2", "eval_every=2", "workers=0")
+    assert code == 0, err
+    assert "bbox AP" in out and "segm AP" not in out  # RetinaNet: boxes only
+    code, out, err = cli(capsys, "detect", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data", nuclei,
+                         "--workers", "0")
+    assert code == 0, err
+    assert "bbox AP" in out and "(1 images)" in out

@@ -21,6 +21,7 @@ from ..distributed import DistInfo, init_distributed
 from ..runs import eval_loader, predictions
 from .data import CocoDetection
 from .detector import Detector, create_detector, load_detector
+from .retinanet import holds_retinanet, load_retinanet
 
 
 def _gather(items: list, info: DistInfo) -> list:
@@ -44,7 +45,8 @@ def predict_dataset(
         if outputs is None:
             continue
         for output, target in zip(outputs, targets):
-            b, s = to_records(output, int(target["image_id"]), dataset.category_ids, masks=dataset.has_masks)
+            b, s = to_records(output, int(target["image_id"]), dataset.category_ids,
+                              masks=dataset.has_masks and "masks" in output)
             bbox += b
             segm += s
         seen += len(outputs)
@@ -68,7 +70,7 @@ def evaluate_detector(
     if info.primary:
         ids = dataset.image_ids
         result["bbox"] = coco_ap(dataset.coco, bbox, "bbox", ids)
-        if dataset.has_masks and getattr(detector.roi_heads, "has_mask", lambda: False)():
+        if dataset.has_masks and getattr(getattr(detector, "roi_heads", None), "has_mask", lambda: False)():
             result["segm"] = coco_ap(dataset.coco, segm, "segm", ids)
     if info.distributed:
         shared = [result]
@@ -91,6 +93,8 @@ def _detector_for(checkpoint: Optional[Checkpoint], model: Optional[str], datase
         if model is None:
             raise ValueError("give a checkpoint or a model name")
         return create_detector(model, dataset.num_classes, masks=dataset.has_masks, **kwargs)
+    if holds_retinanet(checkpoint):
+        return load_retinanet(checkpoint, model, dataset.num_classes, **kwargs)[0]
     return load_detector(checkpoint, model, dataset.num_classes, **kwargs)[0]
 
 

@@ -256,6 +256,8 @@ def create_retinanet(
                   max_size=max_size, **backbone_kwargs)
     model = MMDetRetinaNet(BackboneRetinaFPN(body), num_classes, transform, config)
     _init_like_mmdet(model)
+    for p in getattr(body, "out_norms", {}).get("0", nn.Identity()).parameters():
+        p.requires_grad_(False)  # C2's out norm feeds nothing here (the FPN starts at C3); DDP wants no idle parameter
     return model
 
 
@@ -287,3 +289,26 @@ def load_retinanet_weights(model: MMDetRetinaNet, checkpoint: Union[str, Path, C
     report = load_checkpoint(model, read.with_weights(state))
     report.adapted += notes
     return report
+
+
+def holds_retinanet(checkpoint: Checkpoint) -> bool:
+    """Whether a checkpoint holds a whole RetinaNet (ours or mmdetection's, converted)."""
+    return CLASS_LAYER + "weight" in checkpoint.state_dict
+
+
+def load_retinanet(checkpoint: Union[str, Path, Checkpoint], model: Optional[str] = None,
+                   num_classes: Optional[int] = None, *, entry: str = "auto", **kwargs: Any,
+                   ) -> tuple[MMDetRetinaNet, LoadReport]:
+    """A RetinaNet rebuilt from a checkpoint (our training checkpoint or folder, or mmdet's with ``model``)."""
+    read = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, entry)
+    config, name = read.model_config, model or read.model_name
+    if name is None:
+        raise ValueError(f"{read.path} does not say which backbone it was trained with: pass the model name "
+                         "(e.g. model='unified_halo_tiny', command line --model)")
+    classes = int(read.state_dict[CLASS_LAYER + "weight"].shape[0]) // 9  # 9 anchors per location
+    options = {k: config[k] for k in ("variant", "max_size") if k in config}
+    if "min_size" in config:
+        options["min_size"] = tuple(config["min_size"])
+    model_ = create_retinanet(name, num_classes or classes, **{**options, **kwargs})
+    model_.config["categories"] = config.get("categories")
+    return model_, load_retinanet_weights(model_, read, entry=entry)

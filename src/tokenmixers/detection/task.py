@@ -1,8 +1,9 @@
 """Detection training: the detection task of the run engine, with the official Mask R-CNN recipe.
 
-``train(recipe, overrides)`` trains a :func:`~tokenmixers.detection.create_detector` detector on a
+``train(recipe, overrides)`` trains a :func:`~tokenmixers.detection.create_detector` Mask R-CNN (or,
+with ``detector=retinanet``, a :func:`~tokenmixers.detection.create_retinanet` RetinaNet) on a
 COCO-format folder and returns its summary. Recipes are YAML files in ``recipes/detection``
-(``mask_rcnn_1x``, ``mask_rcnn_3x``, ``smoke``) or any path, with ``key=value`` overrides. The
+(``mask_rcnn_1x``, ``mask_rcnn_3x``, ``retinanet_1x``, ``smoke``) or any path, with ``key=value`` overrides. The
 schedule is mmdetection's ``step`` policy (linear warm-up over ``warmup_iters`` steps from
 ``warmup_ratio`` x lr, then x ``gamma`` after each epoch in ``milestones``); AdamW decaying exactly
 what the official config decays (:func:`param_groups`); fp32; evaluation one image at a time;
@@ -29,9 +30,11 @@ from ..zoo import check_model_name
 from .data import CocoDetection
 from .detector import Detector, create_detector, load_detector_weights
 from .evaluate import evaluate_detector
+from .retinanet import create_retinanet, load_retinanet_weights
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "detection"
 LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
+RETINANET_LOSSES = ("classification", "bbox_regression")
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class DetectionSettings(RunSettings):
     milestones: tuple[int, ...] = (8, 11)
     ema: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # the official configs train and test in fp32
-    decay_rule: Literal["official", "all_norms"] = "official"  # which parameters AdamW does not decay (param_groups)
+    detector: Literal["mask_rcnn", "retinanet"] = "mask_rcnn"
+    decay_rule: Literal["official", "all_norms", "every"] = "official"  # which parameters AdamW decays (param_groups)
     drop_path: Optional[float] = None     # null: the official Mask R-CNN rate of the model's scale
     train_split: str = "train"
     val_split: str = "val"
@@ -82,7 +86,10 @@ _DECAYED_NORMS = re.compile(r"(^|\.)(stem\.norm\d|downsample\.norm)\.")
 
 def param_groups(model: Detector, weight_decay: float, rule: str = "official") -> list[dict[str, Any]]:
     """AdamW groups: ``official`` decays exactly what the official config decays (see OFFICIAL_NO_DECAY);
-    ``all_norms`` exempts every norm and the backbone's position tables, as the classification recipe does."""
+    ``all_norms`` exempts every norm and the backbone's position tables, as the classification recipe does;
+    ``every`` decays every parameter (a config without ``paramwise_cfg``, e.g. Twins' RetinaNet)."""
+    if rule == "every":
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     skip = model.no_weight_decay() if rule == "all_norms" else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -111,6 +118,7 @@ class Detection(Task):
         super().__init__(cfg, info, precision)
         check_model_name(cfg.model)
         self.init_report: Optional[str] = None
+        self.loss_names = RETINANET_LOSSES if cfg.detector == "retinanet" else LOSSES
 
     def datasets(self) -> tuple[CocoDetection, CocoDetection]:
         """The checked train and val splits."""
@@ -132,9 +140,18 @@ class Detection(Task):
         self.train_set, self.val_set = train_set, val_set
         return train_set, val_set
 
-    def build_model(self) -> Detector:
+    def build_model(self) -> nn.Module:
         """The detector, from ``init_weights`` (a detection checkpoint) or ``backbone_weights`` (ImageNet)."""
         cfg, train_set = self.cfg, self.train_set
+        if cfg.detector == "retinanet":
+            model = create_retinanet(cfg.model, train_set.num_classes, variant=cfg.variant,
+                                     backbone_weights=cfg.backbone_weights, min_size=cfg.min_size, max_size=cfg.max_size,
+                                     **({"drop_path_rate": cfg.drop_path} if cfg.drop_path is not None else {}))
+            model.config["categories"] = train_set.categories
+            if cfg.init_weights:
+                self.init_report = str(load_retinanet_weights(model, cfg.init_weights, reset_heads=cfg.reset_heads))
+            self.model = model
+            return model
         model = create_detector(
             cfg.model, train_set.num_classes, masks=train_set.has_masks, variant=cfg.variant,
             backbone_weights=cfg.backbone_weights, min_size=cfg.min_size, max_size=cfg.max_size,
@@ -172,7 +189,8 @@ class Detection(Task):
     def describe(self, model: nn.Module, train_set: Any, val_set: Any, steps_per_epoch: int) -> list[str]:
         """The classes, masks or boxes, and what was dropped as mmdet drops it."""
         dropped = ", ".join(f"{v} {k}" for k, v in train_set.dropped.items() if v)
-        lines = [f"detector with {train_set.num_classes} classes ({'masks' if train_set.has_masks else 'boxes only'}); "
+        kind = "RetinaNet" if self.cfg.detector == "retinanet" else "Mask R-CNN" if train_set.has_masks else "Faster R-CNN"
+        lines = [f"{kind} with {train_set.num_classes} classes ({'masks' if train_set.has_masks else 'boxes only'}); "
                  f"data {self.cfg.data}: {len(train_set)} train / {len(val_set)} val images"
                  f"{f' ({dropped} dropped as mmdet does)' if dropped else ''}, {steps_per_epoch} steps per epoch"]
         if not countable_objects(val_set.coco, val_set.image_ids):
