@@ -256,8 +256,9 @@ def create_retinanet(
                   max_size=max_size, **backbone_kwargs)
     model = MMDetRetinaNet(BackboneRetinaFPN(body), num_classes, transform, config)
     _init_like_mmdet(model)
-    for p in getattr(body, "out_norms", {}).get("0", nn.Identity()).parameters():
-        p.requires_grad_(False)  # C2's out norm feeds nothing here (the FPN starts at C3); DDP wants no idle parameter
+    norms = getattr(body, "out_norms", None)
+    if isinstance(norms, nn.ModuleDict) and "0" in norms:
+        norms["0"].requires_grad_(False)  # C2's out norm feeds nothing here (the FPN starts at C3): DDP wants no idle one
     return model
 
 
