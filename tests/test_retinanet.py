@@ -103,7 +103,8 @@ def test_retinanet_recipe_trains_and_evaluates_through_the_cli(tmp_path: Path, c
     assert (recipe.detector, recipe.decay_rule, recipe.weight_decay, recipe.warmup_iters) == ("retinanet", "every", 1e-4, 500)
     nuclei = str(SHARED / "data" / "coco-nuclei")
     code, out, err = cli(capsys, "detect", "train", "--recipe", "smoke", "--detector", "retinanet", "--data", nuclei,
-                         "--output", str(tmp_path / "run"), "epochs=1", "workers=0")
+                         "--output", str(tmp_path / "run"), "epochs=1", "workers=0", "min_size=[128]", "max_size=128",
+                         "test_size=128")
     assert code == 0, err
     assert "bbox AP" in out and "segm AP" not in out  # RetinaNet: boxes only
     code, out, err = cli(capsys, "detect", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data", nuclei,
