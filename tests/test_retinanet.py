@@ -36,8 +36,7 @@ def test_converter_keeps_mask_rcnn_and_maps_every_retinanet_key() -> None:
     assert {mmdet.rename(k, retinanet=True) for k in heads} == {k for k in own if not k.startswith("backbone.body.")}
 
 
-# both images pass (landscape: boxes 1.7e-13 px, portrait 2.4e-13); the portrait one, padded on both sides, is kept
-@pytest.mark.parametrize("tag", ["portrait"])
+@pytest.mark.parametrize("tag", ["landscape", "portrait"])
 def test_retinanet_gives_mmdets_detections(tag: str) -> None:
     """Converted mmdet weights: mmdet's base anchors and its 100 detections (boxes, scores, labels, NMS order)."""
     reference = _reference()

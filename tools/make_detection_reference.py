@@ -217,7 +217,7 @@ def retinanet_config(folder: Path, twins_mirror: Path, backbone: dict) -> tuple[
 
 # ---------------------------------------------------------------- inputs
 
-def load_input(cfg: Any, path: Path) -> tuple[np.ndarray, dict, torch.Tensor]:
+def load_input(cfg: Any, path: Path, scale: tuple[int, int]) -> tuple[np.ndarray, dict, torch.Tensor]:
     """mmdet's test pipeline on one image: returns (resized RGB uint8 image, img_meta, float64 input).
 
     The float64 input is ``(rgb - mean) / std`` of the resized uint8 image in float64, zero-padded at the bottom and
@@ -236,6 +236,7 @@ def load_input(cfg: Any, path: Path) -> tuple[np.ndarray, dict, torch.Tensor]:
     pipeline = copy.deepcopy(cfg.data.test.pipeline)
     steps = pipeline[1]["transforms"]
     assert pipeline[1]["type"] == "MultiScaleFlipAug" and steps[0]["type"] == "Resize", pipeline
+    pipeline[1]["img_scale"] = tuple(scale)  # the released test scale is (1333, 800); smaller keeps the tests quick
     steps.insert(1, dict(type="_KeepResized"))
     data = Compose(pipeline)(dict(img_info=dict(filename=str(path)), img_prefix=None))
     img32 = data["img"][0]
@@ -419,6 +420,8 @@ def main() -> None:
     parser.add_argument("--mirror", type=Path, default=Path("/work/.mirror/OpenGVLab+STM-Evaluation/repo"))
     parser.add_argument("--twins-mirror", type=Path, default=Path("/work/.mirror/Meituan-AutoML+Twins/repo"))
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--test-scale", type=int, nargs=2, default=(666, 400), metavar=("LONG", "SHORT"),
+                        help="the test pipeline's img_scale (released: 1333 800; half of it keeps the tests quick)")
     parser.add_argument("--models", nargs="*", default=[*(f"mask_rcnn_{n}" for n in MASK_RCNN),
                                                          f"retinanet_{RETINANET_BACKBONE}"])
     args = parser.parse_args()
@@ -440,7 +443,7 @@ def main() -> None:
     inputs = {}
     image_record = {}
     for tag, rel in IMAGES.items():
-        rgb, meta, x = load_input(first, SHARED / "data" / rel)
+        rgb, meta, x = load_input(first, SHARED / "data" / rel, args.test_scale)
         png = png_bytes(rgb)
         (args.out / f"input_{tag}.png").write_bytes(png)
         inputs[tag] = (meta, x)
@@ -455,7 +458,7 @@ def main() -> None:
         }
         print(f"{tag}: {rel} {meta['ori_shape']} -> {meta['img_shape']} padded {meta['pad_shape']}", flush=True)
     (args.out / "inputs.json").write_text(json.dumps({
-        "pipeline": jsonable(first.data.test.pipeline),
+        "pipeline": jsonable(first.data.test.pipeline), "test_scale": list(args.test_scale),
         "mean_rgb": MEAN.tolist(), "std_rgb": STD.tolist(),
         "rebuild": "x = zeros(1, 3, *pad_shape[:2]); x[0, :, :h, :w] = ((png_rgb_uint8 - mean) / std) (all float64, "
                    "mean/std too; HWC -> CHW); the PNG is mmdet's resized image (cv2 bilinear), BGR -> RGB",

@@ -21,6 +21,7 @@ torchvision's defaults differ in ways that move AP (mmdet value, *torchvision de
   probabilities*); the detector returns boolean masks at the original image size;
 * head initialisation as mmdet: Xavier-uniform FPN convs and shared FCs, class scores N(0, 0.01),
   box deltas N(0, 0.001) (*PyTorch's default init*);
+* boxes decoded with the log size change **clamped both ways** (*growth only*);
 * RPN targets by **mmdet's assigner**: a ground truth's best anchors count only from IoU 0.3 and
   are assigned to it (*any IoU, each kept on its own best ground truth*);
 * the rest is the same in both: 256 RPN anchors per image (half positive, IoU 0.7/0.3), 512 RoIs per
@@ -42,7 +43,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -139,6 +140,19 @@ class LevelRoIAlign(nn.Module):
         return out
 
 
+class MMDetBoxCoder(BoxCoder):
+    """torchvision's box coder with mmdet's ``delta2bbox`` clamp: the log size change is clamped both ways (at
+    +-log(1000 / 16)); torchvision clamps only growth, so a box shrunk further comes out thinner."""
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Boxes from deltas, as mmdet decodes them."""
+        codes = rel_codes.clone()
+        _, _, ww, wh = self.weights
+        codes[:, 2::4] = codes[:, 2::4].clamp(min=-self.bbox_xform_clip * ww)
+        codes[:, 3::4] = codes[:, 3::4].clamp(min=-self.bbox_xform_clip * wh)
+        return super().decode_single(codes, boxes)
+
+
 class MaxIoUAssigner(Matcher):
     """mmdet's ``MaxIoUAssigner`` with ``match_low_quality=True``: each ground truth also takes its best anchors
     (all ties), but only when their IoU reaches ``min_pos_iou``, and they become *its* positives (a later ground
@@ -165,6 +179,7 @@ class MMDetRPN(RegionProposalNetwork):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.proposal_matcher = MaxIoUAssigner(0.7, 0.3, min_pos_iou=0.3)
+        self.box_coder = MMDetBoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
     def compute_loss(
         self, objectness: torch.Tensor, pred_bbox_deltas: torch.Tensor, labels: list[torch.Tensor],
@@ -373,6 +388,7 @@ def create_detector(
         mask_head=MaskRCNNHeads(fpn_channels, (fpn_channels,) * 4, 1) if masks else None,
         mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1) if masks else None,
     )
+    roi_heads.box_coder = MMDetBoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
     sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
     transform = DetectionTransform(sizes, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD), size_divisible=32)
     config = dict(model=name, num_classes=num_classes, masks=masks, variant=variant, min_size=list(sizes),
