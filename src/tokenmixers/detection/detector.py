@@ -299,7 +299,26 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return result
 
 
-class Detector(GeneralizedRCNN):
+class DetectorSurface:
+    """What the tasks ask of any detector here (Mask R-CNN, RetinaNet): its decay exemptions and test scale."""
+
+    backbone: nn.Module
+    transform: GeneralizedRCNNTransform
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's position tables and embeddings (names as in ``state_dict``)."""
+        body = self.backbone.body
+        names = body.no_weight_decay() if hasattr(body, "no_weight_decay") else set()
+        return {f"backbone.body.{n}" for n in names}
+
+    def set_test_scale(self, min_size: int, max_size: int) -> None:
+        """The size images are resized to in eval mode (shorter side, longer side cap)."""
+        self.transform.min_size = (min_size,)
+        self.transform.max_size = max_size
+
+
+class Detector(DetectorSurface, GeneralizedRCNN):
     """Mask R-CNN (or Faster R-CNN without masks) around a tokenmixers backbone.
 
     ``detector(images)`` takes a list of ``(3, H, W)`` float images in [0, 1]. In training mode it also
@@ -313,18 +332,6 @@ class Detector(GeneralizedRCNN):
         super().__init__(backbone, rpn, roi_heads, transform)
         self.config = config  # the create_detector arguments that rebuild this detector
         self.num_classes = config["num_classes"]
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """The backbone's position tables and embeddings (names as in ``state_dict``)."""
-        body = self.backbone.body
-        names = body.no_weight_decay() if hasattr(body, "no_weight_decay") else set()
-        return {f"backbone.body.{n}" for n in names}
-
-    def set_test_scale(self, min_size: int, max_size: int) -> None:
-        """The size images are resized to in eval mode (shorter side, longer side cap)."""
-        self.transform.min_size = (min_size,)
-        self.transform.max_size = max_size
 
 
 def _init_like_mmdet(model: Detector) -> None:

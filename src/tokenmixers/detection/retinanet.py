@@ -40,7 +40,14 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from ..checkpoint import Checkpoint, CheckpointError, LoadReport, checkpoint_from_mapping, read_checkpoint
 from ..dense import create_backbone
 from ..zoo import load_checkpoint
-from .detector import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, MaxIoUAssigner, MMDetAnchorGenerator
+from .detector import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DetectionTransform,
+    DetectorSurface,
+    MaxIoUAssigner,
+    MMDetAnchorGenerator,
+)
 
 FPN_CHANNELS = 256
 STRIDES = (8, 16, 32, 64, 128)
@@ -140,7 +147,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
     return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
-class MMDetRetinaNet(RetinaNet):
+class MMDetRetinaNet(DetectorSurface, RetinaNet):
     """RetinaNet around a tokenmixers backbone, trained and tested as mmdetection 2.28.2's.
 
     ``detector(images)`` takes a list of ``(3, H, W)`` float images in [0, 1]; in training mode also targets
@@ -159,18 +166,6 @@ class MMDetRetinaNet(RetinaNet):
         self.config = config
         self.num_classes = num_classes
         self.focal_alpha, self.focal_gamma = 0.25, 2.0
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """The backbone's position tables and embeddings (names as in ``state_dict``)."""
-        body = self.backbone.body
-        names = body.no_weight_decay() if hasattr(body, "no_weight_decay") else set()
-        return {f"backbone.body.{n}" for n in names}
-
-    def set_test_scale(self, min_size: int, max_size: int) -> None:
-        """The size images are resized to in eval mode (shorter side, longer side cap)."""
-        self.transform.min_size = (min_size,)
-        self.transform.max_size = max_size
 
     def compute_loss(self, targets: list[dict[str, torch.Tensor]], head_outputs: dict[str, torch.Tensor],
                      anchors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
