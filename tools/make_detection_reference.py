@@ -24,8 +24,8 @@ with only the classification weight scaled (``CLS_SCALE``: Mask R-CNN x0.55 so t
 Nothing here is imported by the package or the tests; mmcv/mmdet live in a scratch folder, never in the venv:
 
     .venv/bin/python tools/make_detection_reference.py \\
-        [--mmlab /work/scratch/mmlab] [--official /work/scratch/official] \\
-        [--mirror /work/.mirror/OpenGVLab+STM-Evaluation/repo] [--twins-mirror /work/.mirror/Meituan-AutoML+Twins/repo]
+        [--mmlab ../scratch/mmlab] [--official ../scratch/official] \\
+        [--mirror ../.mirror/OpenGVLab+STM-Evaluation/repo] [--twins-mirror ../.mirror/Meituan-AutoML+Twins/repo]
 
 ``--mmlab`` gets mmcv 1.7.2 / mmseg 0.30.0 (as ``make_segmentation_reference.py`` installs them) and mmdet 2.28.2
 (pip ``--target``, ``--no-deps``) when they are missing; ``--official`` is made from the git mirror with
@@ -58,7 +58,14 @@ SHARED = REPO.parent / "shared"
 OUT = REPO / "tests" / "data" / "detection"
 sys.path.insert(0, str(REPO))
 from tests.reference import official_state_dict, paper_detection_state_dict  # noqa: E402  (the project's recipe)
-from tools.make_segmentation_reference import dump_json, ensure_official, git_head, install_mmlab  # noqa: E402
+from tools.make_segmentation_reference import (  # noqa: E402
+    MIRRORS,
+    common_arguments,
+    dump_json,
+    ensure_official,
+    git_head,
+    install_mmlab,
+)
 
 MMDET, MMCV = "2.28.2", "1.7.2"
 # paper model -> its official Mask R-CNN config, relative to detection/configs/
@@ -415,10 +422,8 @@ def jsonable(obj: Any) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mmlab", type=Path, default=Path("/work/scratch/mmlab"), help="pip --target folder")
-    parser.add_argument("--official", type=Path, default=Path("/work/scratch/official"), help="official_setup.py output")
-    parser.add_argument("--mirror", type=Path, default=Path("/work/.mirror/OpenGVLab+STM-Evaluation/repo"))
-    parser.add_argument("--twins-mirror", type=Path, default=Path("/work/.mirror/Meituan-AutoML+Twins/repo"))
+    common_arguments(parser, "mmcv/mmseg/mmdet")
+    parser.add_argument("--twins-mirror", type=Path, default=MIRRORS / "Meituan-AutoML+Twins" / "repo")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--test-scale", type=int, nargs=2, default=(666, 400), metavar=("LONG", "SHORT"),
                         help="the test pipeline's img_scale (released: 1333 800; half of it keeps the tests quick)")

@@ -14,8 +14,8 @@ It also writes ``metrics.npz``: mmseg's ``eval_metrics`` (mIoU, mDice) on a smal
 Nothing here is imported by the package or the tests; mmcv/mmseg live in a scratch folder, never in the venv:
 
     .venv/bin/python tools/make_segmentation_reference.py \\
-        [--mmlab /work/scratch/mmlab] [--official /work/scratch/official] \\
-        [--mirror /work/.mirror/OpenGVLab+STM-Evaluation/repo]
+        [--mmlab ../scratch/mmlab] [--official ../scratch/official] \\
+        [--mirror ../.mirror/OpenGVLab+STM-Evaluation/repo]
 
 ``--mmlab`` is installed (pip ``--target``) when missing; ``--official`` is made from the git mirror of
 OpenGVLab/STM-Evaluation with ``../shared/tools/official_setup.py`` when missing; ``--dwnet-mirror`` and
@@ -45,6 +45,15 @@ SHARED = REPO.parent / "shared"
 DET_REF = SHARED / "reference" / "official-stm-eval-det"
 RELATED_REF = SHARED / "reference" / "related-systems"
 OUT = REPO / "tests" / "data" / "segmentation"
+SCRATCH = REPO.parent / "scratch"    # installs and extracted upstream code, outside the repository
+MIRRORS = REPO.parent / ".mirror"    # git mirrors as the fetch step leaves them: <owner>+<name>/repo
+
+
+def common_arguments(parser: argparse.ArgumentParser, installs: str) -> None:
+    """The scratch folders and the STM-Evaluation mirror both reference makers take."""
+    parser.add_argument("--mmlab", type=Path, default=SCRATCH / "mmlab", help=f"pip --target folder of {installs}")
+    parser.add_argument("--official", type=Path, default=SCRATCH / "official", help="official_setup.py output")
+    parser.add_argument("--mirror", type=Path, default=MIRRORS / "OpenGVLab+STM-Evaluation" / "repo")
 sys.path.insert(0, str(REPO))
 from tests.reference import official_state_dict  # noqa: E402  (the project's recipe, run, not copied)
 
@@ -435,12 +444,10 @@ def paper_specs(names: list[str], official_commit: str) -> list[Spec]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mmlab", type=Path, default=Path("/work/scratch/mmlab"), help="pip --target folder of mmcv/mmseg")
-    parser.add_argument("--official", type=Path, default=Path("/work/scratch/official"), help="official_setup.py output")
-    parser.add_argument("--mirror", type=Path, default=Path("/work/.mirror/OpenGVLab+STM-Evaluation/repo"))
-    parser.add_argument("--dwnet-mirror", type=Path, default=Path("/work/.mirror/Atten4Vis+DemystifyLocalViT/repo"),
+    common_arguments(parser, "mmcv/mmseg")
+    parser.add_argument("--dwnet-mirror", type=Path, default=MIRRORS / "Atten4Vis+DemystifyLocalViT" / "repo",
                         help="git mirror of Atten4Vis/DemystifyLocalViT (DWNet-T is skipped when it is missing)")
-    parser.add_argument("--stvit-mirror", type=Path, default=Path("/work/.mirror/hhb072+STViT/repo"),
+    parser.add_argument("--stvit-mirror", type=Path, default=MIRRORS / "hhb072+STViT" / "repo",
                         help="git mirror of hhb072/STViT (STViT-S is skipped when it is missing)")
     parser.add_argument("--models", nargs="*", default=list(PAPER_MODELS) + ["dwnet_tiny", "stvit_small"])
     args = parser.parse_args()
