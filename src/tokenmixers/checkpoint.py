@@ -317,6 +317,15 @@ def read_checkpoint(path: PathLike, entry: str = "auto") -> Checkpoint:
     return checkpoint
 
 
+def as_checkpoint(source: Union[PathLike, "Checkpoint", Mapping[str, Any]], entry: str = "auto") -> "Checkpoint":
+    """A :class:`Checkpoint` as it is, or read from a file / folder, or made from an in-memory state dict."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Mapping):
+        return checkpoint_from_mapping(source, entry)
+    return read_checkpoint(source, entry)
+
+
 # -- comparing and adapting --------------------------------------------------------------------------
 
 
@@ -455,12 +464,7 @@ def load_checkpoint(
     A model that knows how its checkpoints map onto it (a segmentor: whole, or a backbone's
     weights with fresh heads) defines ``load_from(checkpoint, entry=, strict=)``, which is used instead.
     """
-    if isinstance(source, Checkpoint):
-        checkpoint = source
-    elif isinstance(source, Mapping):
-        checkpoint = checkpoint_from_mapping(source, entry)
-    else:
-        checkpoint = read_checkpoint(source, entry)
+    checkpoint = as_checkpoint(source, entry)
     if hasattr(model, "load_from") and label_map is None:
         return model.load_from(checkpoint, entry=entry, strict=strict)
     return load_state(model, checkpoint, entry=entry, strict=strict, label_map=label_map, guess=guess)

@@ -54,7 +54,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FeaturePyramidNetwork, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..checkpoint import Checkpoint, CheckpointError, LoadReport, checkpoint_from_mapping, read_checkpoint
+from ..checkpoint import Checkpoint, CheckpointError, LoadReport, as_checkpoint, read_checkpoint
 from ..dense import create_backbone
 from ..files import atomic_write, atomic_write_text
 from ..zoo import load_checkpoint
@@ -434,12 +434,7 @@ def load_detector_weights(detector: Detector, checkpoint: Union[str, Path, Check
     A checkpoint with another number of classes is refused with a clear message, unless
     ``reset_heads`` asks to re-initialise the class-specific layers (box predictor, mask logits).
     """
-    if isinstance(checkpoint, Checkpoint):
-        read = checkpoint
-    elif isinstance(checkpoint, Mapping):
-        read = checkpoint_from_mapping(checkpoint, entry)
-    else:
-        read = read_checkpoint(checkpoint, entry)
+    read = as_checkpoint(checkpoint, entry)
     state = read.weights(entry)
     own = detector.state_dict()
     notes = []

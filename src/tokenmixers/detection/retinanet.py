@@ -37,7 +37,7 @@ from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, box_iou, nms, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
-from ..checkpoint import Checkpoint, CheckpointError, LoadReport, checkpoint_from_mapping, read_checkpoint
+from ..checkpoint import Checkpoint, CheckpointError, LoadReport, as_checkpoint, read_checkpoint
 from ..dense import create_backbone
 from ..zoo import load_checkpoint
 from .detector import (
@@ -266,12 +266,7 @@ def load_retinanet_weights(model: MMDetRetinaNet, checkpoint: Union[str, Path, C
 
     A checkpoint with another number of classes is refused unless ``reset_heads`` re-initialises the class layer.
     """
-    if isinstance(checkpoint, Checkpoint):
-        read = checkpoint
-    elif isinstance(checkpoint, Mapping):
-        read = checkpoint_from_mapping(checkpoint, entry)
-    else:
-        read = read_checkpoint(checkpoint, entry)
+    read = as_checkpoint(checkpoint, entry)
     state, own = read.weights(entry), model.state_dict()
     key, notes = CLASS_LAYER + "weight", []
     if key in state and state[key].shape != own[key].shape:
