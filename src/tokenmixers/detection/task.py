@@ -143,23 +143,19 @@ class Detection(Task):
     def build_model(self) -> nn.Module:
         """The detector, from ``init_weights`` (a detection checkpoint) or ``backbone_weights`` (ImageNet)."""
         cfg, train_set = self.cfg, self.train_set
+        common = dict(variant=cfg.variant, backbone_weights=cfg.backbone_weights, min_size=cfg.min_size,
+                      max_size=cfg.max_size, **({"drop_path_rate": cfg.drop_path} if cfg.drop_path is not None else {}))
         if cfg.detector == "retinanet":
-            model = create_retinanet(cfg.model, train_set.num_classes, variant=cfg.variant,
-                                     backbone_weights=cfg.backbone_weights, min_size=cfg.min_size, max_size=cfg.max_size,
-                                     **({"drop_path_rate": cfg.drop_path} if cfg.drop_path is not None else {}))
-            model.config["categories"] = train_set.categories
-            if cfg.init_weights:
-                self.init_report = str(load_retinanet_weights(model, cfg.init_weights, reset_heads=cfg.reset_heads))
-            self.model = model
-            return model
-        model = create_detector(
-            cfg.model, train_set.num_classes, masks=train_set.has_masks, variant=cfg.variant,
-            backbone_weights=cfg.backbone_weights, min_size=cfg.min_size, max_size=cfg.max_size,
-            rois_per_image=cfg.rois_per_image, fpn_channels=cfg.fpn_channels, anchor_scale=cfg.anchor_scale,
-            **({"drop_path_rate": cfg.drop_path} if cfg.drop_path is not None else {}))
+            model: nn.Module = create_retinanet(cfg.model, train_set.num_classes, **common)
+            load = load_retinanet_weights
+        else:
+            model = create_detector(cfg.model, train_set.num_classes, masks=train_set.has_masks,
+                                    rois_per_image=cfg.rois_per_image, fpn_channels=cfg.fpn_channels,
+                                    anchor_scale=cfg.anchor_scale, **common)
+            load = load_detector_weights
         model.config["categories"] = train_set.categories
         if cfg.init_weights:
-            self.init_report = str(load_detector_weights(model, cfg.init_weights, reset_heads=cfg.reset_heads))
+            self.init_report = str(load(model, cfg.init_weights, reset_heads=cfg.reset_heads))
         self.model = model
         return model
 
