@@ -430,10 +430,10 @@ TEST_SCALE = [
 ]
 
 
-@command("detect train", "train a detector (recipes: mask_rcnn_1x, mask_rcnn_3x, retinanet_1x, smoke, or a YAML file)",
+@command("detect train", "train a detector (recipes: mask_rcnn_1x, mask_rcnn_3x, cascade_mask_rcnn_3x, retinanet_1x, smoke, or a YAML file)",
          *RUN,
-         arg("--recipe", default="mask_rcnn_1x", help="mask_rcnn_1x, mask_rcnn_3x, retinanet_1x, smoke or a YAML file"),
-         arg("--detector", default=None, choices=("mask_rcnn", "retinanet"), help="default: the recipe's"),
+         arg("--recipe", default="mask_rcnn_1x", help="mask_rcnn_1x, mask_rcnn_3x, cascade_mask_rcnn_3x, retinanet_1x, smoke or a YAML file"),
+         arg("--detector", default=None, choices=("mask_rcnn", "cascade_mask_rcnn", "retinanet"), help="default: the recipe's"),
          arg("--data", default=None, help="COCO-format folder (instances_<split>.json and the images)"))
 def cmd_detect_train(args: argparse.Namespace) -> None:
     """Train a detector with a detection recipe and key=value overrides."""

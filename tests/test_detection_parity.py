@@ -13,7 +13,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from tokenmixers.detection import create_detector, load_detector_weights
 
-from .reference import official_state_dict, paper_detection_state_dict
+from .reference import official_state_dict
 
 DATA = Path(__file__).parent / "data" / "detection"
 
@@ -36,12 +36,15 @@ def _input(tag: str) -> torch.Tensor:
 
 
 def _mmdet_state_dict(reference: dict) -> dict[str, torch.Tensor]:
-    """The reference's weights in mmdet's layout by the key-seeded recipe (classifier scaled as recorded)."""
+    """The reference's weights in mmdet's layout by the key-seeded recipe: the backbone's by their official keys
+    (for a paper model: ``paper_detection_state_dict``), the rest by their full mmdet keys; the class weights
+    scaled as recorded."""
     entries = [(k, s) for k, s in reference["entries"] if k not in reference.get("constructed", [])]
-    state = paper_detection_state_dict(reference["model"] if "model" in reference else reference["backbone_name"])
+    backbone = official_state_dict([(k.removeprefix("backbone."), s) for k, s in entries if k.startswith("backbone.")])
+    state = {f"backbone.{k}": v for k, v in backbone.items()}
     state.update(official_state_dict([(k, s) for k, s in entries if not k.startswith("backbone.")]))
-    scale = reference["cls_scale"]
-    state[scale["key"]] = state[scale["key"]] * scale["factor"]
+    for key in reference["cls_scale"]["keys"]:
+        state[key] = state[key] * reference["cls_scale"]["factor"]
     return state
 
 

@@ -11,7 +11,14 @@ What it runs, in float64 on the CPU, in eval mode:
 - **RetinaNet** in the PVT setting of Twins (Meituan-AutoML/Twins ``detection/configs/
   retinanet_pcpvt_s_fpn_1x_coco_pvt_setting.py``): mmdet's ``_base_/models/retinanet_r50_fpn.py`` with the backbone
   replaced by the official ``unified_convnext_micro`` detection backbone (its kwargs as in its Mask R-CNN config) and
-  the neck ``FPN(in_channels=<4 widths>, out_channels=256, start_level=1, add_extra_convs='on_input', num_outs=5)``.
+  the neck ``FPN(in_channels=<4 widths>, out_channels=256, start_level=1, add_extra_convs='on_input', num_outs=5)``;
+- **Cascade Mask R-CNN** exactly as DWNet's config builds it (Atten4Vis/DemystifyLocalViT ``downstreams/detection/
+  configs/dwnet/cascade_mask_rcnn_dwnet_tiny_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco.py`` over
+  its ``_base_`` files, all from that repository) on the official DWNet-T detection backbone (its
+  ``downstreams/detection/mmdet/models/backbones/dwnet.py``, registered in mmdet 2.28.2's BACKBONES) and, with the
+  backbone replaced, on the official ``unified_convnext_micro`` detection backbone (neck ``in_channels`` = its widths).
+  mmdet's own ``CascadeRoIHead`` runs it; the test config keeps 100 RPN proposals per image (``CASCADE_PROPOSALS``)
+  instead of 1000 so that the float64 test stays quick.
 
 Inputs are real JPEGs from ``../shared/data/imagenet-mini`` put through mmdet's own test pipeline
 (``LoadImageFromFile`` / ``MultiScaleFlipAug(img_scale=(1333, 800))`` -> ``Resize(keep_ratio)`` / ``Normalize`` /
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import importlib
 import inspect
 import io
 import json
@@ -75,6 +83,10 @@ MASK_RCNN = {
 }
 RETINANET_BACKBONE = "unified_convnext_micro"
 TWINS_CONFIG = "detection/configs/retinanet_pcpvt_s_fpn_1x_coco_pvt_setting.py"
+DWNET_CONFIG = "dwnet/cascade_mask_rcnn_dwnet_tiny_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco.py"
+DWNET_DET_FILE = "downstreams/detection/mmdet/models/backbones/dwnet.py"
+CASCADE = ("dwnet_tiny", "unified_convnext_micro")  # backbones of the cascade references
+CASCADE_PROPOSALS = 100  # test_cfg.rpn.max_per_img (the config: 1000) -- 3 stages of 4 convs per RoI in float64
 # the classification layers' weights are multiplied by these (their biases are not), measured on the two images:
 # - Mask R-CNN: with the recipe's weights (x1) the softmax scores reach 0.2-0.3 and every image fills the cap of
 #   max_per_img=100 detections (1,500+ class scores over score_thr=0.05); x0.55 flattens them so that tens of
@@ -83,8 +95,11 @@ TWINS_CONFIG = "detection/configs/retinanet_pcpvt_s_fpn_1x_coco_pvt_setting.py"
 #   ~13M anchor x class sigmoid scores is near 0.5, far over score_thr, for any weight scale (x20 even saturates
 #   scores to exact 1.0 ties); kept at x1: 100 detections per image, the per-level top-1000 and the cap do the
 #   selecting. See README.md.
-CLS_SCALE = {"mask_rcnn": 0.55, "retinanet": 1.0}
-CLS_KEY = {"mask_rcnn": "roi_head.bbox_head.fc_cls.weight", "retinanet": "bbox_head.retina_cls.weight"}
+# - Cascade: the score is the softmax of the three stages' mean logits; every stage's class weight gets the factor.
+CLS_SCALE = {"mask_rcnn": 0.55, "retinanet": 1.0, "cascade": 1.0}
+CASCADE_CLS_SCALE = {"dwnet_tiny": 0.6, "unified_convnext_micro": 2.5}  # per backbone: tens of detections, under 100
+CLS_KEY = {"mask_rcnn": ["roi_head.bbox_head.fc_cls.weight"], "retinanet": ["bbox_head.retina_cls.weight"],
+           "cascade": [f"roi_head.bbox_head.{i}.fc_cls.weight" for i in range(3)]}
 # name -> image (relative to ../shared/data); one landscape, one portrait, neither side a multiple of 32 after resizing
 IMAGES = {
     "landscape": "imagenet-mini/val/ILSVRC2012_val_00000078.JPEG",  # 500 x 359 (w x h)
@@ -222,6 +237,45 @@ def retinanet_config(folder: Path, twins_mirror: Path, backbone: dict) -> tuple[
     return cfg, twins
 
 
+def register_dwnet(mirror: Path, scratch: Path) -> str:
+    """Import DWNet's official *detection* backbone (``DWNET_DET_FILE`` at the mirror's HEAD) into mmdet 2.28.2.
+
+    Written to ``scratch`` with two import lines changed: its package-relative ``..builder`` becomes
+    ``mmdet.models.builder`` and ``mmcv_custom.load_checkpoint`` (ImageNet weights only) is not imported.
+    Returns the commit."""
+    text = git_head(mirror, DWNET_DET_FILE)
+    for old, new in (("from mmcv_custom import load_checkpoint", "load_checkpoint = None  # not needed here"),
+                     ("from ..builder import BACKBONES", "from mmdet.models.builder import BACKBONES")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "dwnet_det_official.py").write_text(text)
+    sys.path.insert(0, str(scratch))
+    importlib.import_module("dwnet_det_official")  # registers DWNet in mmdet's BACKBONES
+    return git_head(mirror).strip()
+
+
+def cascade_config(dwnet_mirror: Path, scratch: Path, name: str, paper_backbone: Optional[dict]) -> Any:
+    """DWNet's cascade config from its own repository's files; ``paper_backbone`` replaces DWNet-T's backbone."""
+    import mmcv
+    folder = scratch / "dwnet-configs"
+    if folder.exists():
+        shutil.rmtree(folder)
+    for rel in (DWNET_CONFIG, "_base_/models/cascade_mask_rcnn_dwnet_fpn.py", "_base_/datasets/coco_instance.py",
+                "_base_/schedules/schedule_1x.py", "_base_/default_runtime.py"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(git_head(dwnet_mirror, f"downstreams/detection/configs/{rel}"))
+    cfg = mmcv.Config.fromfile(str(folder / DWNET_CONFIG))
+    heads = cfg.model.roi_head.bbox_head
+    assert [h.type for h in heads] == ["ConvFCBBoxHead"] * 3 and not any(h.reg_class_agnostic for h in heads)
+    assert all(h.reg_decoded_bbox and h.loss_bbox.type == "GIoULoss" for h in heads)
+    if paper_backbone is not None:
+        cfg.model.backbone = mmcv.ConfigDict(paper_backbone)
+        cfg.model.neck.in_channels = list(paper_backbone["dims"])
+    cfg.model.test_cfg.rpn.max_per_img = CASCADE_PROPOSALS
+    return cfg
+
+
 # ---------------------------------------------------------------- inputs
 
 def load_input(cfg: Any, path: Path, scale: tuple[int, int]) -> tuple[np.ndarray, dict, torch.Tensor]:
@@ -284,13 +338,19 @@ def recipe_state(model: torch.nn.Module, name: str, kind: str) -> tuple[dict[str
     drawn = [(k, list(v.shape)) for k, v in own.items() if k not in constructed]
     backbone = [(k[len("backbone."):], shape) for k, shape in drawn if k.startswith("backbone.")]
     state = {f"backbone.{k}": v for k, v in official_state_dict(backbone).items()}
-    paper = paper_detection_state_dict(name)  # the same tensors, by the project's own helper
-    assert sorted(paper) == sorted(state) and all(torch.equal(paper[k], state[k]) for k in paper), name
+    if name.startswith("unified_"):
+        paper = paper_detection_state_dict(name)  # the same tensors, by the project's own helper
+        assert sorted(paper) == sorted(state) and all(torch.equal(paper[k], state[k]) for k in paper), name
     state.update(official_state_dict([(k, s) for k, s in drawn if not k.startswith("backbone.")]))
     state.update({k: own[k] for k in constructed})
-    state[CLS_KEY[kind]] = state[CLS_KEY[kind]] * CLS_SCALE[kind]
+    for key in CLS_KEY[kind]:
+        state[key] = state[key] * cls_scale(kind, name)
     entries = [[k, list(v.shape)] for k, v in own.items()]
     return state, entries, constructed
+
+
+def cls_scale(kind: str, name: str) -> float:
+    return CASCADE_CLS_SCALE[name] if kind == "cascade" else CLS_SCALE[kind]
 
 
 def build(cfg: Any, name: str, kind: str) -> tuple[torch.nn.Module, list, list]:
@@ -399,6 +459,54 @@ def run_retinanet(model: torch.nn.Module, x: torch.Tensor, meta: dict) -> tuple[
     return out, margins
 
 
+def run_cascade(model: torch.nn.Module, x: torch.Tensor, meta: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """mmdet's ``CascadeRoIHead``: each stage's input boxes, best logit and class, and the final detections."""
+    from mmdet.core import bbox2roi
+    metas = [meta]
+    roi = model.roi_head
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        feats = model.extract_feat(x)
+        proposals = model.rpn_head.simple_test_rpn(feats, metas)[0]
+        rois, logits, label_gaps = bbox2roi([proposals[:, :4]]), [], []
+        for i in range(roi.num_stages):  # simple_test's loop, one image
+            result = roi._bbox_forward(i, feats, rois)
+            score, pred = result["cls_score"], result["bbox_pred"]
+            out[f"stage{i}_boxes"] = rois[:, 1:].numpy()
+            out[f"stage{i}_max_logit"], out[f"stage{i}_label"] = (v.numpy() for v in score[:, :-1].max(1))
+            logits.append(score)
+            top2 = score[:, :-1].topk(2, dim=1).values
+            label_gaps.append(float((top2[:, 0] - top2[:, 1]).min()))  # how safe each stage's argmax class is
+            if i < roi.num_stages - 1:
+                rois = roi.bbox_head[i].regress_by_class(rois, score[:, :-1].argmax(1), pred, meta)
+        mean = sum(logits) / float(len(logits))
+        det_boxes, det_labels = roi.bbox_head[-1].get_bboxes(rois, mean, pred, meta["img_shape"], meta["scale_factor"],
+                                                             rescale=False, cfg=roi.test_cfg)
+        (bbox_true, segm_true), = model.simple_test(x, metas, rescale=True)
+        (bbox_false, segm_false), = roi.simple_test(feats, [proposals], metas, rescale=False)
+        probs = torch.softmax(mean, -1)[:, :-1].flatten().numpy()
+    boxes, labels = per_class(bbox_true)
+    boxes_f, labels_f = per_class(bbox_false)
+    masks, mask_shape = pack_masks(segm_true, meta["ori_shape"][:2])
+    out.update({
+        "proposals": proposals.numpy(), "det_bboxes": det_boxes.numpy(), "det_labels": det_labels.numpy(),
+        "bboxes": boxes, "labels": labels, "masks": masks, "mask_shape": mask_shape,
+        "bboxes_noscale": boxes_f, "labels_noscale": labels_f,
+    })
+    assert np.allclose(np.sort(boxes_f[:, 4]), np.sort(det_boxes[:, 4].numpy()), rtol=0, atol=0)
+    margins = {
+        "detections": int(len(labels)), "proposals": int(len(proposals)),
+        "proposal_score_min_gap": gaps(proposals[:, 4].numpy()),
+        "detection_score_min_gap": gaps(boxes[:, 4]),
+        "candidates_over_score_thr": int((probs > roi.test_cfg.score_thr).sum()),
+        "closest_class_score_to_score_thr": float(np.abs(probs - roi.test_cfg.score_thr).min()),
+        "stage_label_logit_gap_min": label_gaps,
+    }
+    # under the cap of max_per_img, and under mmcv's batched_nms split_thr (10000), where it switches to per-class NMS
+    assert len(labels) < roi.test_cfg.max_per_img and margins["candidates_over_score_thr"] < 10000, margins
+    return out, margins
+
+
 def savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     np.savez_compressed(path, **arrays)
     size = path.stat().st_size
@@ -424,11 +532,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common_arguments(parser, "mmcv/mmseg/mmdet")
     parser.add_argument("--twins-mirror", type=Path, default=MIRRORS / "Meituan-AutoML+Twins" / "repo")
+    parser.add_argument("--dwnet-mirror", type=Path, default=MIRRORS / "Atten4Vis+DemystifyLocalViT" / "repo")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--test-scale", type=int, nargs=2, default=(666, 400), metavar=("LONG", "SHORT"),
                         help="the test pipeline's img_scale (released: 1333 800; half of it keeps the tests quick)")
     parser.add_argument("--models", nargs="*", default=[*(f"mask_rcnn_{n}" for n in MASK_RCNN),
-                                                         f"retinanet_{RETINANET_BACKBONE}"])
+                                                         f"retinanet_{RETINANET_BACKBONE}",
+                                                         *(f"cascade_mask_rcnn_{n}" for n in CASCADE)])
     args = parser.parse_args()
 
     install_mmdet(args.mmlab)
@@ -469,9 +579,11 @@ def main() -> None:
                    "mean/std too; HWC -> CHW); the PNG is mmdet's resized image (cv2 bilinear), BGR -> RGB",
         "images": image_record}, indent=1) + "\n")
 
+    dwnet_commit = None
     for model_name in args.models:
-        kind, name = ("mask_rcnn", model_name[len("mask_rcnn_"):]) if model_name.startswith("mask_rcnn_") else \
-            ("retinanet", model_name[len("retinanet_"):])
+        kind = next(k for k in ("mask_rcnn", "retinanet", "cascade_mask_rcnn") if model_name.startswith(k + "_"))
+        name = model_name[len(kind) + 1:]
+        kind = "cascade" if kind == "cascade_mask_rcnn" else kind
         start = time.time()
         if kind == "mask_rcnn":
             cfg, extra = mask_rcnn_config(folder, name), {"config_files": [
@@ -479,6 +591,19 @@ def main() -> None:
                 "mask_rcnn_meta.py", *(f"mmdet {MMDET} wheel .mim/configs/{n}" for n in (
                     "_base_/models/mask_rcnn_r50_fpn.py", "_base_/datasets/coco_instance.py",
                     "_base_/schedules/schedule_1x.py", "_base_/default_runtime.py"))], "base_check": base_notes}
+        elif kind == "cascade":
+            if dwnet_commit is None:
+                dwnet_commit = register_dwnet(args.dwnet_mirror, args.mmlab.with_name(args.mmlab.name + "-dwnet-det"))
+            paper = None if name == "dwnet_tiny" else dict(mask_rcnn_config(folder, name).model.backbone)
+            cfg = cascade_config(args.dwnet_mirror, args.mmlab.with_name(args.mmlab.name + "-det"), name, paper)
+            assert jsonable(cfg.data.test.pipeline) == jsonable(first.data.test.pipeline)
+            extra = {"config_files": [f"DemystifyLocalViT downstreams/detection/configs/{DWNET_CONFIG}",
+                                      "DemystifyLocalViT downstreams/detection/configs/_base_/models/"
+                                      "cascade_mask_rcnn_dwnet_fpn.py (and its datasets/schedules/runtime _base_)"],
+                     "dwnet": {"repo": "Atten4Vis/DemystifyLocalViT", "commit": dwnet_commit, "backbone_code": DWNET_DET_FILE},
+                     "changed": {"test_cfg.rpn.max_per_img": [1000, CASCADE_PROPOSALS]}
+                     | ({"backbone": f"official {name} (detection/configs/{MASK_RCNN[name]})",
+                         "neck.in_channels": list(paper["dims"])} if paper else {})}
         else:
             backbone = dict(mask_rcnn_config(folder, name).model.backbone)
             cfg, twins = retinanet_config(folder, args.twins_mirror, backbone)
@@ -489,20 +614,21 @@ def main() -> None:
                      "neck_from": twins}
         model, entries, constructed = build(cfg, name, kind)
         params = sum(p.numel() for p in model.parameters())
-        head = model.rpn_head if kind == "mask_rcnn" else model.bbox_head
+        head = model.bbox_head if kind == "retinanet" else model.rpn_head
         assert all(a.dtype == torch.float32 for a in head.prior_generator.base_anchors)
         if model_name == "mask_rcnn_unified_convnext_micro":
             assert params == 23_983_696, params
         margins = {}
         for tag, (meta, x) in inputs.items():
             t0 = time.time()
-            arrays, margins[tag] = (run_mask_rcnn if kind == "mask_rcnn" else run_retinanet)(model, x, meta)
+            run = {"mask_rcnn": run_mask_rcnn, "retinanet": run_retinanet, "cascade": run_cascade}[kind]
+            arrays, margins[tag] = run(model, x, meta)
             margins[tag]["seconds"] = round(time.time() - t0, 1)
             print(f"{model_name} {tag}: {margins[tag]}", flush=True)
             savez(args.out / f"{model_name}_{tag}.npz", arrays)
         record = {
             "detector": kind, "backbone": name, **meta_common, **extra,
-            "cls_scale": {"key": CLS_KEY[kind], "factor": CLS_SCALE[kind]},
+            "cls_scale": {"keys": CLS_KEY[kind], "factor": cls_scale(kind, name)},
             "seed": "backbone.<k>: official_state_dict([(k, shape)]) (= paper_detection_state_dict); every other key: "
                     "official_state_dict([(key, shape)]) by its full mmdet key; then state[cls_scale.key] *= factor",
             "inputs": sorted(inputs), "margins": margins, "parameters": params,

@@ -231,7 +231,8 @@ class Checkpoint:
     @property
     def num_classes(self) -> Optional[int]:
         """Classes of its classifier (or object classes of a detector), None when it has no classifier."""
-        detector = self.state_dict.get("roi_heads.box_predictor.cls_score.weight")
+        detector = self.state_dict.get("roi_heads.box_predictor.cls_score.weight",
+                                       self.state_dict.get("roi_heads.bbox_head.0.fc_cls.weight"))  # or a cascade's
         if detector is not None:
             return int(detector.shape[0]) - 1  # the background is not a class
         segmentor = self.state_dict.get("decode_head.conv_seg.weight")

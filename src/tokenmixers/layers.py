@@ -18,6 +18,26 @@ class ChannelsLastBatchNorm(nn.BatchNorm2d):
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+class ConvModule(nn.Module):
+    """mmcv's ``ConvModule``: conv (no bias when normed) -> BatchNorm -> ReLU; ``norm``/``act`` off for the FPN neck."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, norm: bool = True, act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
+        self.bn = nn.BatchNorm2d(out_channels) if norm else None
+        self.activate = nn.ReLU(inplace=True) if act else None
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv's init of every unit
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, H, W) -> (B, C_out, H, W)``."""
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return self.activate(x) if self.activate is not None else x
+
+
 def _pair(window: Union[int, tuple[int, int]]) -> tuple[int, int]:
     return (window, window) if isinstance(window, int) else (window[0], window[1])
 

@@ -1,11 +1,15 @@
-"""Converter for mmdetection 2.x Mask R-CNN and RetinaNet checkpoints (official STM-Evaluation backbones).
+"""Converter for mmdetection 2.x Mask R-CNN, Cascade Mask R-CNN and RetinaNet checkpoints.
 
-mmdet keeps ``backbone.*`` (here: official STM-Evaluation names), ``neck.*`` (FPN),
+mmdet keeps ``backbone.*`` (in the layout of the backbone's own code: the official STM-Evaluation detection
+backbones, DWNet, STViT; renamed by that layout's converter, as for mmseg), ``neck.*`` (FPN),
 ``rpn_head.*`` and ``roi_head.*``; tokenmixers' detector is torchvision's Mask R-CNN with the
 backbone as ``backbone.body`` and the FPN as ``backbone.fpn``. Class-dependent layers differ in
 layout: mmdet puts the background class *last* in ``fc_cls`` and has no background rows in
 ``fc_reg`` and ``conv_logits``; torchvision puts background *first* everywhere. The background
 rows that mmdet does not have are zero (they are never used: torchvision drops class 0).
+
+Cascade Mask R-CNN (``roi_head.bbox_head.<stage>.*``): the RoI heads keep mmdet's names and class layout
+(:mod:`tokenmixers.detection.cascade`), so only ``roi_head.`` becomes ``roi_heads.``.
 
 RetinaNet (``bbox_head.retina_cls`` present) maps onto :mod:`tokenmixers.detection.retinanet`: the FPN's
 ``fpn_convs.0-2`` are the output convs, ``fpn_convs.3``/``4`` the extra P6/P7 convs, the head's stacked convs
@@ -18,7 +22,7 @@ import re
 
 import torch
 
-from . import stm_eval
+from . import mmseg, stm_eval
 
 _RENAMES: tuple[tuple[str, str], ...] = (
     (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"backbone.fpn.inner_blocks.\1.0."),
@@ -33,6 +37,7 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"^roi_head\.mask_head\.convs\.(\d+)\.conv\.", r"roi_heads.mask_head.\1.0."),
     (r"^roi_head\.mask_head\.upsample\.", "roi_heads.mask_predictor.conv5_mask."),
     (r"^roi_head\.mask_head\.conv_logits\.", "roi_heads.mask_predictor.mask_fcn_logits."),
+    (r"^roi_head\.(bbox_head|mask_head)\.(\d+)\.", r"roi_heads.\1.\2."),  # the cascade's stages
 )
 _COMPILED = tuple((re.compile(p), r) for p, r in _RENAMES)
 _RETINANET_RENAMES: tuple[tuple[str, str], ...] = (
@@ -86,11 +91,13 @@ def rename(key: str, retinanet: bool = False) -> str:
 
 
 def convert(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an mmdet Mask R-CNN (or RetinaNet) state dict; Mask R-CNN's class rows go to torchvision's layout."""
+    """Rename an mmdet Mask R-CNN (cascade, RetinaNet) state dict; Mask R-CNN's class rows go to torchvision's
+    layout."""
     retinanet = is_retinanet(state_dict)
-    out = {}
+    backbone = mmseg.convert_backbone({k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")})
+    out = {} if backbone is None else {f"backbone.body.{k}": v for k, v in backbone.items()}
     for key, value in state_dict.items():
-        if key.startswith("backbone.") and any(p.search(key) for p in stm_eval.DROPPED_PATTERNS):
+        if key.startswith("backbone.") and (backbone is not None or any(p.search(key) for p in stm_eval.DROPPED_PATTERNS)):
             continue
         new = rename(key, retinanet)
         out[new] = value if retinanet else _background_first(new, value)

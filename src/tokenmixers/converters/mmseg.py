@@ -35,9 +35,15 @@ def is_mmseg(state_dict: StateDict) -> bool:
     return any(k.startswith("decode_head.") for k in state_dict) and _converter(_backbone(state_dict)) is not None
 
 
+def convert_backbone(backbone: StateDict) -> Optional[StateDict]:
+    """A dense backbone's weights (``backbone.`` removed) renamed by the converter of their layout; None when no
+    converter knows it. Shared with the mmdet converter."""
+    convert = _converter(backbone)
+    return None if convert is None else convert(backbone)
+
+
 def convert(state_dict: StateDict) -> StateDict:
     """Rename the backbone part by its layout's converter; keep the heads' names."""
-    backbone = _backbone(state_dict)
-    converted = _converter(backbone)(backbone)  # type: ignore[misc]
+    converted = convert_backbone(_backbone(state_dict))
     heads = {k: v for k, v in state_dict.items() if k.startswith(HEADS)}
-    return {**{f"backbone.{k}": v for k, v in converted.items()}, **heads}
+    return {**{f"backbone.{k}": v for k, v in converted.items()}, **heads}  # type: ignore[union-attr]

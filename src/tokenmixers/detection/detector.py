@@ -35,6 +35,7 @@ last; :mod:`tokenmixers.converters.mmdet` moves it).
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -51,18 +52,19 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import FeaturePyramidNetwork, roi_align
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..checkpoint import Checkpoint, CheckpointError, LoadReport, as_checkpoint, read_checkpoint
 from ..dense import create_backbone
 from ..files import atomic_write, atomic_write_text
 from ..zoo import load_checkpoint
+from .cascade import CascadeRoIHeads
 from .data import rescale_size
+from .ops import LEVELS, LevelRoIAlign, mask_loss
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FPN_CHANNELS = 256
-LEVELS = ("0", "1", "2", "3")
 
 
 class BackboneFPN(nn.Module):
@@ -115,31 +117,6 @@ class MMDetAnchorGenerator(AnchorGenerator):
         return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).to(dtype)
 
 
-class LevelRoIAlign(nn.Module):
-    """mmdet's SingleRoIExtractor: RoIAlign (``aligned=True``, adaptive sampling) on each box's FPN level."""
-
-    def __init__(self, output_size: int, strides: tuple[int, ...] = (4, 8, 16, 32), finest_scale: float = 56.0) -> None:
-        super().__init__()
-        self.output_size = (output_size, output_size)
-        self.strides = strides
-        self.finest_scale = finest_scale
-
-    def forward(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: Any = None) -> torch.Tensor:
-        """Boxes ``[(N_i, 4)]`` in image coordinates -> ``(sum N_i, C, S, S)`` features."""
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
-        scale = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).clamp_min(0).sqrt()
-        levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6)).clamp(0, len(self.strides) - 1)
-        first = features[LEVELS[0]]
-        out = first.new_zeros((len(rois), first.shape[1]) + self.output_size)
-        for level, stride in enumerate(self.strides):
-            idx = torch.where(levels == level)[0]
-            if len(idx):
-                pooled = roi_align(features[LEVELS[level]], rois[idx].to(first.dtype), self.output_size,
-                                   spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
-                out[idx] = pooled.to(out.dtype)
-        return out
-
-
 class MMDetBoxCoder(BoxCoder):
     """torchvision's box coder with mmdet's ``delta2bbox`` clamp: the log size change is clamped both ways (at
     +-log(1000 / 16)); torchvision clamps only growth, so a box shrunk further comes out thinner."""
@@ -174,12 +151,14 @@ class MaxIoUAssigner(Matcher):
 
 
 class MMDetRPN(RegionProposalNetwork):
-    """torchvision's RPN with mmdet's assigner (:class:`MaxIoUAssigner`) and L1 box loss."""
+    """torchvision's RPN with mmdet's assigner (:class:`MaxIoUAssigner`) and L1 box loss (smooth L1 with
+    ``smooth_l1_beta > 0``, as the cascade configs have it)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, smooth_l1_beta: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.proposal_matcher = MaxIoUAssigner(0.7, 0.3, min_pos_iou=0.3)
         self.box_coder = MMDetBoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.smooth_l1_beta = smooth_l1_beta
 
     def compute_loss(
         self, objectness: torch.Tensor, pred_bbox_deltas: torch.Tensor, labels: list[torch.Tensor],
@@ -190,7 +169,8 @@ class MMDetRPN(RegionProposalNetwork):
         pos_idx, neg_idx = torch.where(torch.cat(pos))[0], torch.where(torch.cat(neg))[0]
         sampled = torch.cat([pos_idx, neg_idx])
         targets = torch.cat(regression_targets)
-        box_loss = F.l1_loss(pred_bbox_deltas[pos_idx], targets[pos_idx], reduction="sum") / max(len(sampled), 1)
+        box_loss = F.smooth_l1_loss(pred_bbox_deltas[pos_idx], targets[pos_idx], reduction="sum",
+                                    beta=self.smooth_l1_beta) / max(len(sampled), 1)  # beta 0: L1
         objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], torch.cat(labels)[sampled])
         return objectness_loss, box_loss
 
@@ -206,24 +186,6 @@ def box_losses(
         "loss_classifier": F.cross_entropy(class_logits, labels_t),
         "loss_box_reg": F.l1_loss(deltas, targets_t[pos], reduction="sum") / max(len(labels_t), 1),
     }
-
-
-def mask_loss(
-    logits: torch.Tensor, boxes: list[torch.Tensor], gt_masks: list[torch.Tensor], matched: list[torch.Tensor],
-    labels: list[torch.Tensor],
-) -> torch.Tensor:
-    """BCE of each positive RoI's class mask against its ground truth RoIAligned (aligned) and binarised at 0.5."""
-    size = logits.shape[-1]
-    targets = []
-    for masks, b, m in zip(gt_masks, boxes, matched):
-        rois = torch.cat([m[:, None].to(b), b], dim=1)
-        aligned = roi_align(masks[:, None].to(b), rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
-        targets.append((aligned[:, 0] >= 0.5).to(logits.dtype))
-    target = torch.cat(targets)
-    if target.numel() == 0:
-        return logits.sum() * 0
-    labels_t = torch.cat(labels)
-    return F.binary_cross_entropy_with_logits(logits[torch.arange(len(labels_t), device=logits.device), labels_t], target)
 
 
 class MMDetRoIHeads(RoIHeads):
@@ -335,12 +297,16 @@ class Detector(DetectorSurface, GeneralizedRCNN):
 
 
 def _init_like_mmdet(model: Detector) -> None:
-    """mmdet's initialisation of the FPN and the box head (the RPN and mask head already match)."""
-    fc_layers = [model.roi_heads.box_head.fc6, model.roi_heads.box_head.fc7]
+    """mmdet's initialisation of the FPN and the box head (the RPN, the mask head and the cascade's heads already
+    match)."""
     fpn_convs = [m for m in model.backbone.fpn.modules() if isinstance(m, nn.Conv2d)]
+    cascade = isinstance(model.roi_heads, CascadeRoIHeads)
+    fc_layers = [] if cascade else [model.roi_heads.box_head.fc6, model.roi_heads.box_head.fc7]
     for layer in fc_layers + fpn_convs:
         nn.init.xavier_uniform_(layer.weight)
         nn.init.zeros_(layer.bias)
+    if cascade:
+        return
     predictor = model.roi_heads.box_predictor
     for layer, std in ((predictor.cls_score, 0.01), (predictor.bbox_pred, 0.001)):
         nn.init.normal_(layer.weight, std=std)
@@ -359,9 +325,11 @@ def create_detector(
     rois_per_image: int = 512,
     fpn_channels: int = FPN_CHANNELS,
     anchor_scale: float = 8.0,
+    cascade: bool = False,
     **backbone_kwargs: Any,
 ) -> Detector:
-    """Mask R-CNN (mmdetection 2.x ``mask_rcnn_r50_fpn``) with the detection backbone of any model.
+    """Mask R-CNN (mmdetection 2.x ``mask_rcnn_r50_fpn``), or Cascade Mask R-CNN, with the detection backbone of
+    any model.
 
     Args:
         name: a registered unified model (also a user's, e.g. through ``--import``) or a timm model.
@@ -376,6 +344,8 @@ def create_detector(
             FPN make a micro detector for small-data runs on a CPU.
         anchor_scale: anchor side in units of the level's stride (mmdet's ``octave_base_scale``: 8,
             i.e. 32-512 px); smaller suits small objects at a low resolution.
+        cascade: Cascade Mask R-CNN as DWNet's configs build it (:mod:`.cascade`): three stages of 4conv1f box
+            heads and mask heads, an RPN with smooth L1 (beta 1/9) and 2000 proposals per training image.
         **backbone_kwargs: ``ModelCfg`` fields or timm arguments, e.g. ``drop_path_rate=0.1``.
     """
     if num_classes < 1:
@@ -386,7 +356,22 @@ def create_detector(
     anchors = MMDetAnchorGenerator(tuple((anchor_scale * s,) for s in strides), ((0.5, 1.0, 2.0),) * 5, strides)
     rpn = MMDetRPN(anchors, RPNHead(fpn_channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
                    positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
-                   post_nms_top_n=dict(training=1000, testing=1000), nms_thresh=0.7)
+                   post_nms_top_n=dict(training=2000 if cascade else 1000, testing=1000), nms_thresh=0.7,
+                   smooth_l1_beta=1 / 9 if cascade else 0.0)
+    roi_heads = CascadeRoIHeads(num_classes, fpn_channels, masks=masks, rois_per_image=rois_per_image) if cascade \
+        else mask_rcnn_heads(num_classes, fpn_channels, masks, rois_per_image)
+    sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
+    transform = DetectionTransform(sizes, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD), size_divisible=32)
+    config = dict(model=name, num_classes=num_classes, masks=masks, variant=variant, min_size=list(sizes),
+                  max_size=max_size, rois_per_image=rois_per_image, fpn_channels=fpn_channels,
+                  anchor_scale=anchor_scale, **({"cascade": True} if cascade else {}), **backbone_kwargs)
+    detector = Detector(backbone, rpn, roi_heads, transform, config)
+    _init_like_mmdet(detector)
+    return detector
+
+
+def mask_rcnn_heads(num_classes: int, fpn_channels: int, masks: bool, rois_per_image: int) -> MMDetRoIHeads:
+    """Mask R-CNN's RoI heads: Shared2FC box head and 4-conv mask head, set up as mmdet's."""
     roi_heads = MMDetRoIHeads(
         LevelRoIAlign(7), TwoMLPHead(fpn_channels * 7 * 7, 1024), FastRCNNPredictor(1024, num_classes + 1),
         fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=rois_per_image, positive_fraction=0.25, bbox_reg_weights=None,
@@ -396,20 +381,15 @@ def create_detector(
         mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1) if masks else None,
     )
     roi_heads.box_coder = MMDetBoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
-    sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
-    transform = DetectionTransform(sizes, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD), size_divisible=32)
-    config = dict(model=name, num_classes=num_classes, masks=masks, variant=variant, min_size=list(sizes),
-                  max_size=max_size, rois_per_image=rois_per_image, fpn_channels=fpn_channels,
-                  anchor_scale=anchor_scale, **backbone_kwargs)
-    detector = Detector(backbone, rpn, roi_heads, transform, config)
-    _init_like_mmdet(detector)
-    return detector
+    return roi_heads
 
 
 # -- saving and loading --------------------------------------------------------------------------------
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-CLASS_LAYERS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+CLASS_LAYERS = re.compile(r"^roi_heads\.(box_predictor\.|mask_predictor\.mask_fcn_logits\.|bbox_head\.\d+\.fc_(cls|reg)\.|"
+                          r"mask_head\.\d+\.conv_logits\.)")
+CLASS_KEYS = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.bbox_head.0.fc_cls.weight")
 
 
 def save_detector(detector: Detector, directory: Union[str, Path], categories: Optional[list[str]] = None) -> Path:
@@ -423,8 +403,8 @@ def save_detector(detector: Detector, directory: Union[str, Path], categories: O
 
 
 def holds_detector(checkpoint: Checkpoint) -> bool:
-    """Whether a checkpoint holds a whole detector (ours or mmdetection's), not a classifier."""
-    return "roi_heads.box_predictor.cls_score.weight" in checkpoint.state_dict
+    """Whether a checkpoint holds a whole detector (Mask R-CNN or cascade, ours or mmdetection's), not a classifier."""
+    return any(key in checkpoint.state_dict for key in CLASS_KEYS)
 
 
 def load_detector_weights(detector: Detector, checkpoint: Union[str, Path, Checkpoint, Mapping[str, Any]], *,
@@ -445,7 +425,7 @@ def load_detector_weights(detector: Detector, checkpoint: Union[str, Path, Check
                 f"the detector was left unchanged. To fine-tune on {detector.num_classes} classes, re-initialise the "
                 "class-specific layers (box predictor, mask logits): reset_heads=True (command line: --reset-heads)."
             )
-        state = {k: (own[k] if k.startswith(CLASS_LAYERS) else v) for k, v in state.items()}
+        state = {k: (own[k] if CLASS_LAYERS.match(k) else v) for k, v in state.items()}
         notes.append(f"class-specific layers re-initialised ({read.num_classes} -> {detector.num_classes} classes)")
     report = load_checkpoint(detector, read.with_weights(state))
     report.adapted += notes
@@ -476,8 +456,9 @@ def load_detector(
     if "min_size" in config:
         options["min_size"] = tuple(config["min_size"])
     options.update(kwargs)
-    masks = any(k.startswith("roi_heads.mask_predictor.") for k in read.state_dict)
-    detector = create_detector(name, num_classes or read.num_classes, masks=masks, **options)
+    masks = any(k.startswith(("roi_heads.mask_predictor.", "roi_heads.mask_head.")) for k in read.state_dict)
+    cascade = "roi_heads.bbox_head.0.fc_cls.weight" in read.state_dict
+    detector = create_detector(name, num_classes or read.num_classes, masks=masks, cascade=cascade, **options)
     detector.config["categories"] = config.get("categories")
     report = load_detector_weights(detector, read, reset_heads=reset_heads, entry=entry)
     return detector, report

@@ -25,7 +25,6 @@ predicts mmdet's 0..``num_classes - 1``.
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
-from torchvision.ops import FeaturePyramidNetwork, box_iou, nms, sigmoid_focal_loss
+from torchvision.ops import FeaturePyramidNetwork, box_iou, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from ..checkpoint import Checkpoint, CheckpointError, LoadReport, as_checkpoint, read_checkpoint
@@ -48,11 +47,11 @@ from .detector import (
     MaxIoUAssigner,
     MMDetAnchorGenerator,
 )
+from .ops import batched_nms, decode_boxes, encode_boxes
 
 FPN_CHANNELS = 256
 STRIDES = (8, 16, 32, 64, 128)
 RATIOS = (0.5, 1.0, 2.0)
-WH_RATIO_CLIP = 16 / 1000
 
 
 class OctaveAnchorGenerator(MMDetAnchorGenerator):
@@ -115,36 +114,6 @@ class BackboneRetinaFPN(nn.Module):
         """Image batch -> the five FPN levels (strides 8-128)."""
         maps = list(self.body(x))[1:]
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
-
-
-def decode_boxes(anchors: torch.Tensor, deltas: torch.Tensor, max_shape: Optional[tuple[int, int]] = None,
-                 ) -> torch.Tensor:
-    """mmdet's ``delta2bbox`` (means 0, stds 1): ``(N, 4)`` anchors and deltas -> xyxy boxes clipped to ``(h, w)``."""
-    max_ratio = abs(math.log(WH_RATIO_CLIP))
-    pxy = (anchors[:, :2] + anchors[:, 2:]) * 0.5
-    pwh = anchors[:, 2:] - anchors[:, :2]
-    gxy = pxy + pwh * deltas[:, :2]
-    gwh = pwh * deltas[:, 2:].clamp(min=-max_ratio, max=max_ratio).exp()
-    boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
-    if max_shape is not None:
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=max_shape[1])
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=max_shape[0])
-    return boxes
-
-
-def encode_boxes(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """mmdet's ``bbox2delta`` (means 0, stds 1): the deltas that take ``anchors`` to ``gt``."""
-    pxy, pwh = (anchors[:, :2] + anchors[:, 2:]) * 0.5, anchors[:, 2:] - anchors[:, :2]
-    gxy, gwh = (gt[:, :2] + gt[:, 2:]) * 0.5, gt[:, 2:] - gt[:, :2]
-    return torch.cat([(gxy - pxy) / pwh, torch.log(gwh / pwh)], dim=-1)
-
-
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """mmcv's ``batched_nms`` (class-aware by offsetting each class's boxes by ``max + 1``): kept indices, best first."""
-    if boxes.numel() == 0:
-        return torch.empty((0,), dtype=torch.long, device=boxes.device)
-    offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
-    return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
 class MMDetRetinaNet(DetectorSurface, RetinaNet):

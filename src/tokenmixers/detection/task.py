@@ -1,9 +1,10 @@
 """Detection training: the detection task of the run engine, with the official Mask R-CNN recipe.
 
-``train(recipe, overrides)`` trains a :func:`~tokenmixers.detection.create_detector` Mask R-CNN (or,
-with ``detector=retinanet``, a :func:`~tokenmixers.detection.create_retinanet` RetinaNet) on a
-COCO-format folder and returns its summary. Recipes are YAML files in ``recipes/detection``
-(``mask_rcnn_1x``, ``mask_rcnn_3x``, ``retinanet_1x``, ``smoke``) or any path, with ``key=value`` overrides. The
+``train(recipe, overrides)`` trains a :func:`~tokenmixers.detection.create_detector` Mask R-CNN (with
+``detector=cascade_mask_rcnn`` its cascade; with ``detector=retinanet`` a
+:func:`~tokenmixers.detection.create_retinanet` RetinaNet) on a COCO-format folder and returns its summary.
+Recipes are YAML files in ``recipes/detection`` (``mask_rcnn_1x``, ``mask_rcnn_3x``, ``cascade_mask_rcnn_3x``,
+``retinanet_1x``, ``smoke``) or any path, with ``key=value`` overrides. The
 schedule is mmdetection's ``step`` policy (linear warm-up over ``warmup_iters`` steps from
 ``warmup_ratio`` x lr, then x ``gamma`` after each epoch in ``milestones``); AdamW decaying exactly
 what the official config decays (:func:`param_groups`); fp32; evaluation one image at a time;
@@ -26,7 +27,7 @@ from ..coco import countable_objects
 from ..data import DataError
 from ..recipe import Overrides
 from ..runs import RunError, RunSettings, Task
-from ..zoo import check_model_name
+from ..zoo import check_model_name, family_of
 from .data import CocoDetection
 from .detector import Detector, create_detector, load_detector_weights
 from .evaluate import evaluate_detector
@@ -35,6 +36,8 @@ from .retinanet import create_retinanet, load_retinanet_weights
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "detection"
 LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 RETINANET_LOSSES = ("classification", "bbox_regression")
+CASCADE_LOSSES = ("loss_objectness", "loss_rpn_box_reg",
+                  *(f"s{i}.{name}" for i in range(3) for name in ("loss_cls", "loss_bbox", "loss_mask")))
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class DetectionSettings(RunSettings):
     milestones: tuple[int, ...] = (8, 11)
     ema: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # the official configs train and test in fp32
-    detector: Literal["mask_rcnn", "retinanet"] = "mask_rcnn"
+    detector: Literal["mask_rcnn", "cascade_mask_rcnn", "retinanet"] = "mask_rcnn"
     decay_rule: Literal["official", "all_norms", "every"] = "official"  # which parameters AdamW decays (param_groups)
     drop_path: Optional[float] = None     # null: the official Mask R-CNN rate of the model's scale
     train_split: str = "train"
@@ -82,6 +85,9 @@ class DetectionSettings(RunSettings):
 # relative tables and PVT's position embedding carry other names (decayed there too).
 OFFICIAL_NO_DECAY = ("norm", "relative_position_bias_table", "absolute_pos_embed")
 _DECAYED_NORMS = re.compile(r"(^|\.)(stem\.norm\d|downsample\.norm)\.")
+# DWNet's blocks name their BatchNorms bn0 / bn / bn2 (conv branch) and bn (before the MLP): no "norm", so DWNet's
+# config decays them; here they are the mixer's in/spatial/out norms and the block's norm2
+_DWNET_DECAYED_NORMS = re.compile(r"\.blocks\.\d+\.(norm2|mixer\.(in_norm|spatial_norm|out_norm))\.")
 
 
 def param_groups(model: Detector, weight_decay: float, rule: str = "official") -> list[dict[str, Any]]:
@@ -91,12 +97,14 @@ def param_groups(model: Detector, weight_decay: float, rule: str = "official") -
     if rule == "every":
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     skip = model.no_weight_decay() if rule == "all_norms" else set()
+    dwnet = family_of(str(getattr(model, "config", {}).get("model"))) == "dwnet"
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if rule == "official":
-            exempt = any(key in name for key in OFFICIAL_NO_DECAY) and not _DECAYED_NORMS.search(name)
+            exempt = any(key in name for key in OFFICIAL_NO_DECAY) and not _DECAYED_NORMS.search(name) \
+                and not (dwnet and _DWNET_DECAYED_NORMS.search(name))
         else:
             exempt = "norm" in name or name in skip
         (no_decay if exempt else decay).append(p)
@@ -118,7 +126,7 @@ class Detection(Task):
         super().__init__(cfg, info, precision)
         check_model_name(cfg.model)
         self.init_report: Optional[str] = None
-        self.loss_names = RETINANET_LOSSES if cfg.detector == "retinanet" else LOSSES
+        self.loss_names = {"retinanet": RETINANET_LOSSES, "cascade_mask_rcnn": CASCADE_LOSSES}.get(cfg.detector, LOSSES)
 
     def datasets(self) -> tuple[CocoDetection, CocoDetection]:
         """The checked train and val splits."""
@@ -151,7 +159,7 @@ class Detection(Task):
         else:
             model = create_detector(cfg.model, train_set.num_classes, masks=train_set.has_masks,
                                     rois_per_image=cfg.rois_per_image, fpn_channels=cfg.fpn_channels,
-                                    anchor_scale=cfg.anchor_scale, **common)
+                                    anchor_scale=cfg.anchor_scale, cascade=cfg.detector == "cascade_mask_rcnn", **common)
             load = load_detector_weights
         model.config["categories"] = train_set.categories
         if cfg.init_weights:
@@ -186,6 +194,7 @@ class Detection(Task):
         """The classes, masks or boxes, and what was dropped as mmdet drops it."""
         dropped = ", ".join(f"{v} {k}" for k, v in train_set.dropped.items() if v)
         kind = "RetinaNet" if self.cfg.detector == "retinanet" else "Mask R-CNN" if train_set.has_masks else "Faster R-CNN"
+        kind = f"Cascade {kind}" if self.cfg.detector == "cascade_mask_rcnn" else kind
         lines = [f"{kind} with {train_set.num_classes} classes ({'masks' if train_set.has_masks else 'boxes only'}); "
                  f"data {self.cfg.data}: {len(train_set)} train / {len(val_set)} val images"
                  f"{f' ({dropped} dropped as mmdet does)' if dropped else ''}, {steps_per_epoch} steps per epoch"]

@@ -20,30 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import ConvModule
+
 
 def resize(x: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
     """``x`` resized to ``size`` (mmseg's ``resize`` with ``align_corners=False``)."""
     return F.interpolate(x, size=tuple(int(s) for s in size), mode=mode, align_corners=False if mode == "bilinear" else None)
-
-
-class ConvModule(nn.Module):
-    """mmcv's ``ConvModule``: conv (no bias when normed) -> BatchNorm -> ReLU; ``norm``/``act`` off for the FPN neck."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, norm: bool = True, act: bool = True) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
-        self.bn = nn.BatchNorm2d(out_channels) if norm else None
-        self.activate = nn.ReLU(inplace=True) if act else None
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv's init of every unit
-        if self.conv.bias is not None:
-            nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C_in, H, W) -> (B, C_out, H, W)``."""
-        x = self.conv(x)
-        if self.bn is not None:
-            x = self.bn(x)
-        return self.activate(x) if self.activate is not None else x
 
 
 class DecodeHead(nn.Module):
