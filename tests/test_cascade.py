@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from tokenmixers.detection import create_detector, load_detector_weights
 from tokenmixers.detection.cascade import CascadeRoIHeads
+from tokenmixers.detection.task import param_groups
 from tokenmixers.detection.task import train as train_detector
 
 from .conftest import cli
@@ -89,3 +91,17 @@ def test_cascade_learns_the_nuclei_then_detect_eval_reloads_it(tmp_path: Path, c
                          "--batch-size", "1")
     assert code == 0, err
     assert f"bbox AP {trained['bbox']['AP']:.1f}" in out and "segm AP" in out
+
+
+def test_dwnet_decay_follows_its_official_names() -> None:
+    """DWNet's config exempts names holding "norm": its LayerNorms and out norms; its blocks' BatchNorms (bn*) decay."""
+    with torch.device("meta"):
+        detector = create_detector("dwnet_tiny", 80, cascade=True)
+    decay, no_decay = param_groups(detector, 0.05)
+    names = {id(p): n for n, p in detector.named_parameters()}
+    exempt = {re.sub(r"\.\d+\.", ".N.", names[id(p)]) for p in no_decay["params"]}
+    assert exempt == {f"backbone.body.{m}.{w}" for m in ("stem.norm", "stages.N.downsample.norm", "out_norms.N")
+                      for w in ("weight", "bias")}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "backbone.body.stages.0.blocks.0.norm2.weight" in decayed  # official layers.0.blocks.0.bn.weight
+    assert "roi_heads.bbox_head.0.shared_convs.0.bn.weight" in decayed  # mmdet's ConvModule BatchNorm: "bn"

@@ -86,7 +86,8 @@ class DetectionSettings(RunSettings):
 OFFICIAL_NO_DECAY = ("norm", "relative_position_bias_table", "absolute_pos_embed")
 _DECAYED_NORMS = re.compile(r"(^|\.)(stem\.norm\d|downsample\.norm)\.")
 # DWNet's blocks name their BatchNorms bn0 / bn / bn2 (conv branch) and bn (before the MLP): no "norm", so DWNet's
-# config decays them; here they are the mixer's in/spatial/out norms and the block's norm2
+# config decays them (here: the mixer's in/spatial/out norms and the block's norm2); its stem and downsampling
+# LayerNorms are patch_embed.norm and downsample.norm there, so they are not decayed
 _DWNET_DECAYED_NORMS = re.compile(r"\.blocks\.\d+\.(norm2|mixer\.(in_norm|spatial_norm|out_norm))\.")
 
 
@@ -103,8 +104,8 @@ def param_groups(model: Detector, weight_decay: float, rule: str = "official") -
         if not p.requires_grad:
             continue
         if rule == "official":
-            exempt = any(key in name for key in OFFICIAL_NO_DECAY) and not _DECAYED_NORMS.search(name) \
-                and not (dwnet and _DWNET_DECAYED_NORMS.search(name))
+            decayed = _DWNET_DECAYED_NORMS if dwnet else _DECAYED_NORMS
+            exempt = any(key in name for key in OFFICIAL_NO_DECAY) and not decayed.search(name)
         else:
             exempt = "norm" in name or name in skip
         (no_decay if exempt else decay).append(p)
