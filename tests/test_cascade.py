@@ -22,7 +22,7 @@ from .test_detection_training import MICRO, NUCLEI
 
 
 # measured: proposals and every stage's boxes <= 1e-12 px, logits <= 1e-13, no mask pixel differs
-@pytest.mark.parametrize("name, tag", [("dwnet_tiny", "landscape"), ("unified_convnext_micro", "landscape")])
+@pytest.mark.parametrize("name, tag", [("dwnet_tiny", "landscape"), ("unified_convnext_micro", "portrait")])
 def test_cascade_gives_mmdets_detections(name: str, tag: str) -> None:
     """A DWNet-format cascade checkpoint: mmdet's proposals, each stage's boxes and classes, detections and masks."""
     reference = json.loads((DATA / f"cascade_mask_rcnn_{name}.json").read_text())
