@@ -33,7 +33,9 @@ SLOW_FIRST = ("test_micro_detector_learns_the_nuclei", "test_invariance_under_to
               "test_compare_published_twins_and_unified", "test_sigkill_mid_epoch_then_resume_is_exact",
               "test_the_task_trains_on_two_processes_launched_as_slurm_does",
               "test_training_on_real_nuclei_masks_then_eval_and_predict", "test_mmseg_parity",
-              "test_mask_rcnn_gives_mmdets_detections", "test_retinanet_gives_mmdets_detections")
+              "test_mask_rcnn_gives_mmdets_detections", "test_retinanet_gives_mmdets_detections",
+              "test_cascade_gives_mmdets_detections", "test_cascade_learns_the_nuclei",
+              "test_stopped_mid_epoch_resumes_exactly")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -25,20 +25,20 @@ MICRO = {"data": str(NUCLEI), "val_split": "train", "workers": 0, "threads": 1, 
 
 
 def test_micro_detector_learns_the_nuclei(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    # the smoke recipe, 12 of its 20 epochs of 3 steps, a checkpoint every 3
-    trained = train_detector("smoke", {**MICRO, "output": str(tmp_path / "trained"), "epochs": 12,
-                                       "ckpt_every_epochs": 3})
+    # the smoke recipe, 9 of its 20 epochs of 3 steps, a checkpoint every 2
+    trained = train_detector("smoke", {**MICRO, "output": str(tmp_path / "trained"), "epochs": 9,
+                                       "ckpt_every_epochs": 2})
     losses = [row["train_loss"] for row in trained["history"]]
     print(f"losses {losses}; trained bbox {trained['bbox']} segm {trained['segm']}")
-    assert losses[-1] < 0.75 * losses[0]  # measured: 3.68 -> 2.48
-    # measured: bbox AP 7.8 (AP50 30.2), segm AP 6.5; the same detector before training: bbox AP 0.05 (AP50 0.2),
+    assert losses[-1] < 0.75 * losses[0]  # measured: 3.68 -> 2.56
+    # measured: bbox AP 6.1 (AP50 21.6), segm AP 4.9; the same detector before training: bbox AP 0.05 (AP50 0.2),
     # segm AP 0.02
-    assert trained["bbox"]["AP"] > 4 and trained["bbox"]["AP50"] > 20
-    assert trained["segm"]["AP"] > 3
+    assert trained["bbox"]["AP"] > 3 and trained["bbox"]["AP50"] > 12
+    assert trained["segm"]["AP"] > 2.5
     run = tmp_path / "trained"
     assert {"last.pth", "best.pth", "metrics.csv", "summary.json", "config.yaml", "log.txt"} <= {p.name for p in run.iterdir()}
-    # a checkpoint every 3 epochs, the last 3 (keep_checkpoints) kept
-    assert sorted(p.name for p in run.glob("epoch_*.pth")) == ["epoch_0006.pth", "epoch_0009.pth", "epoch_0012.pth"]
+    # a checkpoint every 2 epochs and after the last, the last 3 (keep_checkpoints) kept
+    assert sorted(p.name for p in run.glob("epoch_*.pth")) == ["epoch_0006.pth", "epoch_0008.pth", "epoch_0009.pth"]
     # detect eval reads the training checkpoint (backbone, classes, categories come from it)
     code, out, err = cli(capsys, "detect", "eval", "--checkpoint", str(run / "last.pth"), "--data", str(NUCLEI),
                          "--split", "train", "--min-size", "256", "--max-size", "256", "--workers", "0", "--batch-size", "1")

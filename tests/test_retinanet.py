@@ -40,7 +40,9 @@ def test_converter_keeps_mask_rcnn_and_maps_every_retinanet_key() -> None:
 def test_retinanet_gives_mmdets_detections(tag: str) -> None:
     """Converted mmdet weights: mmdet's base anchors and its 100 detections (boxes, scores, labels, NMS order)."""
     reference = _reference()
-    model = create_retinanet(NAME, 80).double().eval()
+    with torch.device("meta"):  # no random initialisation: every weight comes from the reference
+        model = create_retinanet(NAME, 80)
+    model = model.to_empty(device="cpu").double().eval()
     report = load_retinanet_weights(model, {"meta": {}, "state_dict": _mmdet_state_dict(reference)})
     assert report.source == "mmdet" and not report.missing and not report.unexpected
     model.anchor_generator.set_cell_anchors(torch.float64, torch.device("cpu"))

@@ -17,8 +17,9 @@ What it runs, in float64 on the CPU, in eval mode:
   its ``_base_`` files, all from that repository) on the official DWNet-T detection backbone (its
   ``downstreams/detection/mmdet/models/backbones/dwnet.py``, registered in mmdet 2.28.2's BACKBONES) and, with the
   backbone replaced, on the official ``unified_convnext_micro`` detection backbone (neck ``in_channels`` = its widths).
-  mmdet's own ``CascadeRoIHead`` runs it; the test config keeps 40 RPN proposals per image (``CASCADE_PROPOSALS``)
-  instead of 1000 so that the float64 test stays quick.
+  mmdet's own ``CascadeRoIHead`` runs it, on the two images at half the test scale (``--cascade-scale``, 333x200,
+  tagged ``<tag>_small``), keeping 40 RPN proposals per image (``CASCADE_PROPOSALS``) instead of 1000, so that the
+  float64 test stays quick.
 
 Inputs are real JPEGs from ``../shared/data/imagenet-mini`` put through mmdet's own test pipeline
 (``LoadImageFromFile`` / ``MultiScaleFlipAug(img_scale=(1333, 800))`` -> ``Resize(keep_ratio)`` / ``Normalize`` /
@@ -97,7 +98,7 @@ CASCADE_PROPOSALS = 40  # test_cfg.rpn.max_per_img (the config: 1000) -- 3 stage
 #   selecting. See README.md.
 # - Cascade: the score is the softmax of the three stages' mean logits; every stage's class weight gets the factor.
 CLS_SCALE = {"mask_rcnn": 0.55, "retinanet": 1.0, "cascade": 1.0}
-CASCADE_CLS_SCALE = {"dwnet_tiny": 0.75, "unified_convnext_micro": 3.5}  # per backbone: tens of detections, under 100
+CASCADE_CLS_SCALE = {"dwnet_tiny": 0.75, "unified_convnext_micro": 2.8}  # per backbone: tens of detections, under 100
 CLS_KEY = {"mask_rcnn": ["roi_head.bbox_head.fc_cls.weight"], "retinanet": ["bbox_head.retina_cls.weight"],
            "cascade": [f"roi_head.bbox_head.{i}.fc_cls.weight" for i in range(3)]}
 # name -> image (relative to ../shared/data); one landscape, one portrait, neither side a multiple of 32 after resizing
@@ -536,6 +537,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--test-scale", type=int, nargs=2, default=(666, 400), metavar=("LONG", "SHORT"),
                         help="the test pipeline's img_scale (released: 1333 800; half of it keeps the tests quick)")
+    parser.add_argument("--cascade-scale", type=int, nargs=2, default=(333, 200), metavar=("LONG", "SHORT"),
+                        help="the cascade references' img_scale (their images are tagged <tag>_small)")
     parser.add_argument("--models", nargs="*", default=[*(f"mask_rcnn_{n}" for n in MASK_RCNN),
                                                          f"retinanet_{RETINANET_BACKBONE}",
                                                          *(f"cascade_mask_rcnn_{n}" for n in CASCADE)])
@@ -557,13 +560,15 @@ def main() -> None:
     first = mask_rcnn_config(folder, next(iter(MASK_RCNN)))
     inputs = {}
     image_record = {}
-    for tag, rel in IMAGES.items():
-        rgb, meta, x = load_input(first, SHARED / "data" / rel, args.test_scale)
+    scales = {tag: args.test_scale for tag in IMAGES} | {f"{tag}_small": args.cascade_scale for tag in IMAGES}
+    for tag, scale in scales.items():
+        rel = IMAGES[tag.removesuffix("_small")]
+        rgb, meta, x = load_input(first, SHARED / "data" / rel, scale)
         png = png_bytes(rgb)
         (args.out / f"input_{tag}.png").write_bytes(png)
         inputs[tag] = (meta, x)
         image_record[tag] = {
-            "source": f"../shared/data/{rel}", "png": f"input_{tag}.png",
+            "source": f"../shared/data/{rel}", "png": f"input_{tag}.png", "test_scale": list(scale),
             "png_sha256": hashlib.sha256(png).hexdigest(),
             "ori_shape": list(meta["ori_shape"]), "img_shape": list(meta["img_shape"]),
             "pad_shape": list(meta["pad_shape"]), "batch_input_shape": list(meta["batch_input_shape"]),
@@ -574,6 +579,7 @@ def main() -> None:
         print(f"{tag}: {rel} {meta['ori_shape']} -> {meta['img_shape']} padded {meta['pad_shape']}", flush=True)
     (args.out / "inputs.json").write_text(json.dumps({
         "pipeline": jsonable(first.data.test.pipeline), "test_scale": list(args.test_scale),
+        "cascade_test_scale": list(args.cascade_scale),
         "mean_rgb": MEAN.tolist(), "std_rgb": STD.tolist(),
         "rebuild": "x = zeros(1, 3, *pad_shape[:2]); x[0, :, :h, :w] = ((png_rgb_uint8 - mean) / std) (all float64, "
                    "mean/std too; HWC -> CHW); the PNG is mmdet's resized image (cv2 bilinear), BGR -> RGB",
@@ -620,6 +626,8 @@ def main() -> None:
             assert params == 23_983_696, params
         margins = {}
         for tag, (meta, x) in inputs.items():
+            if tag.endswith("_small") != (kind == "cascade"):
+                continue
             t0 = time.time()
             run = {"mask_rcnn": run_mask_rcnn, "retinanet": run_retinanet, "cascade": run_cascade}[kind]
             arrays, margins[tag] = run(model, x, meta)
@@ -631,7 +639,7 @@ def main() -> None:
             "cls_scale": {"keys": CLS_KEY[kind], "factor": cls_scale(kind, name)},
             "seed": "backbone.<k>: official_state_dict([(k, shape)]) (= paper_detection_state_dict); every other key: "
                     "official_state_dict([(key, shape)]) by its full mmdet key; then state[cls_scale.key] *= factor",
-            "inputs": sorted(inputs), "margins": margins, "parameters": params,
+            "inputs": sorted(margins), "margins": margins, "parameters": params,
             "seconds": round(time.time() - start, 1),
             # mmdet computes these in float32 (AnchorGenerator keeps scales/ratios as torch.Tensor) and casts them to
             # the features' dtype; (x1, y1, x2, y2) around (0, 0), ratio-major, per level; anchors = these + stride*(x, y)

@@ -102,6 +102,11 @@ class MMDetAnchorGenerator(AnchorGenerator):
         anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
         return [anchors for _ in image_list.image_sizes]
 
+    def set_cell_anchors(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Each level's base anchors made afresh for the features' dtype and device (a few numbers; nothing kept from
+        construction, so a detector built on the meta device and then materialised has them right)."""
+        self.cell_anchors = [self.generate_anchors(s, r, dtype, device) for s, r in zip(self.sizes, self.aspect_ratios)]
+
     def generate_anchors(
         self, scales: list[int], aspect_ratios: list[float], dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
