@@ -66,6 +66,7 @@ CHECKPOINT_NAME = "last.pth"
 RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "summary.json", "config.yaml", "log.txt")
 RUN_GLOBS = ("epoch_*.pth",)
 RUN_DIRS = ("tensorboard",)
+FUSED_OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov")  # timm names of torch optimizers with fused=True
 
 
 class RunError(ValueError):
@@ -417,7 +418,7 @@ class RunSettings(Settings):
     opt: str = "adamw"                    # any timm optimizer
     opt_eps: float = 1.0e-8
     opt_betas: tuple[float, float] = (0.9, 0.999)
-    fused_optimizer: bool = False         # one fused kernel over all parameters (AdamW, SGD; about 4x faster on a CPU)
+    fused_optimizer: bool = True          # one fused kernel over all parameters (torch's AdamW, Adam, SGD; ~5x faster on a CPU)
     weight_decay: float = 0.05            # the task decides which parameters are exempt
     clip_grad: float = 5.0                # gradient norm clipping (0: none)
     sched: str = "cosine"                 # per step: a timm schedule (cosine, ...), or mmcv's "step" / "poly"
@@ -789,7 +790,7 @@ class _Run:
         self.lr = cfg.lr * self.global_batch / cfg.lr_batch
         self.optimizer = create_optimizer_v2(task.param_groups(model), opt=cfg.opt, lr=self.lr,
                                              weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=cfg.opt_betas,
-                                             **({"fused": True} if cfg.fused_optimizer else {}))
+                                             **({"fused": True} if cfg.fused_optimizer and cfg.opt in FUSED_OPTIMIZERS else {}))
         self.scheduler = make_schedule(self.optimizer, cfg, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(info.device.type) if task.precision == "fp16" else None
         self.ddp: nn.Module = model

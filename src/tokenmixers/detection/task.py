@@ -49,7 +49,6 @@ class DetectionSettings(RunSettings):
     batch_size: int = 2                   # images per process
     lr: float = 1.0e-4
     lr_batch: int = 16
-    fused_optimizer: bool = True
     clip_grad: float = 0.0
     sched: str = "step"
     warmup_iters: int = 1000

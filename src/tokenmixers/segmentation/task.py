@@ -51,7 +51,6 @@ class SegmentationSettings(RunSettings):
     lr_batch: int = 16
     weight_decay: float = 0.01
     no_decay_keys: tuple[str, ...] = ("absolute_pos_embed", "relative_position_bias_table", "norm")  # Swin's config
-    fused_optimizer: bool = True
     clip_grad: float = 0.0
     sched: str = "poly"
     poly_power: float = 1.0
