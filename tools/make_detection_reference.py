@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import importlib
 import inspect
 import io
 import json
@@ -68,12 +67,14 @@ OUT = REPO / "tests" / "data" / "detection"
 sys.path.insert(0, str(REPO))
 from tests.reference import official_state_dict, paper_detection_state_dict  # noqa: E402  (the project's recipe)
 from tools.make_segmentation_reference import (  # noqa: E402
+    DWNET_FILES,
     MIRRORS,
     common_arguments,
     dump_json,
     ensure_official,
     git_head,
     install_mmlab,
+    register_dwnet,
 )
 
 MMDET, MMCV = "2.28.2", "1.7.2"
@@ -85,7 +86,6 @@ MASK_RCNN = {
 RETINANET_BACKBONE = "unified_convnext_micro"
 TWINS_CONFIG = "detection/configs/retinanet_pcpvt_s_fpn_1x_coco_pvt_setting.py"
 DWNET_CONFIG = "dwnet/cascade_mask_rcnn_dwnet_tiny_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco.py"
-DWNET_DET_FILE = "downstreams/detection/mmdet/models/backbones/dwnet.py"
 CASCADE = ("dwnet_tiny", "unified_convnext_micro")  # backbones of the cascade references
 CASCADE_PROPOSALS = 40  # test_cfg.rpn.max_per_img (the config: 1000) -- 3 stages of 4 convs per RoI in float64
 # the classification layers' weights are multiplied by these (their biases are not), measured on the two images:
@@ -236,24 +236,6 @@ def retinanet_config(folder: Path, twins_mirror: Path, backbone: dict) -> tuple[
     cfg.model.neck = mmcv.ConfigDict(neck)
     assert cfg.model.bbox_head.num_classes == 80
     return cfg, twins
-
-
-def register_dwnet(mirror: Path, scratch: Path) -> str:
-    """Import DWNet's official *detection* backbone (``DWNET_DET_FILE`` at the mirror's HEAD) into mmdet 2.28.2.
-
-    Written to ``scratch`` with two import lines changed: its package-relative ``..builder`` becomes
-    ``mmdet.models.builder`` and ``mmcv_custom.load_checkpoint`` (ImageNet weights only) is not imported.
-    Returns the commit."""
-    text = git_head(mirror, DWNET_DET_FILE)
-    for old, new in (("from mmcv_custom import load_checkpoint", "load_checkpoint = None  # not needed here"),
-                     ("from ..builder import BACKBONES", "from mmdet.models.builder import BACKBONES")):
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    scratch.mkdir(parents=True, exist_ok=True)
-    (scratch / "dwnet_det_official.py").write_text(text)
-    sys.path.insert(0, str(scratch))
-    importlib.import_module("dwnet_det_official")  # registers DWNet in mmdet's BACKBONES
-    return git_head(mirror).strip()
 
 
 def cascade_config(dwnet_mirror: Path, scratch: Path, name: str, paper_backbone: Optional[dict]) -> Any:
@@ -599,14 +581,16 @@ def main() -> None:
                     "_base_/schedules/schedule_1x.py", "_base_/default_runtime.py"))], "base_check": base_notes}
         elif kind == "cascade":
             if dwnet_commit is None:
-                dwnet_commit = register_dwnet(args.dwnet_mirror, args.mmlab.with_name(args.mmlab.name + "-dwnet-det"))
+                dwnet_commit = register_dwnet(args.dwnet_mirror, args.mmlab.with_name(args.mmlab.name + "-dwnet-det"),
+                                              "mmdet")
             paper = None if name == "dwnet_tiny" else dict(mask_rcnn_config(folder, name).model.backbone)
             cfg = cascade_config(args.dwnet_mirror, args.mmlab.with_name(args.mmlab.name + "-det"), name, paper)
             assert jsonable(cfg.data.test.pipeline) == jsonable(first.data.test.pipeline)
             extra = {"config_files": [f"DemystifyLocalViT downstreams/detection/configs/{DWNET_CONFIG}",
                                       "DemystifyLocalViT downstreams/detection/configs/_base_/models/"
                                       "cascade_mask_rcnn_dwnet_fpn.py (and its datasets/schedules/runtime _base_)"],
-                     "dwnet": {"repo": "Atten4Vis/DemystifyLocalViT", "commit": dwnet_commit, "backbone_code": DWNET_DET_FILE},
+                     "dwnet": {"repo": "Atten4Vis/DemystifyLocalViT", "commit": dwnet_commit,
+                               "backbone_code": DWNET_FILES["mmdet"]},
                      "changed": {"test_cfg.rpn.max_per_img": [1000, CASCADE_PROPOSALS]}
                      | ({"backbone": f"official {name} (detection/configs/{MASK_RCNN[name]})",
                          "neck.in_channels": list(paper["dims"])} if paper else {})}

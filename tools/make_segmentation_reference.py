@@ -79,7 +79,9 @@ NO_CROP = {"unified_dcn_v3_micro"}
 DWNET_TINY = dict(type="DWNet", embed_dim=96, depths=[2, 2, 6, 2], window_size=7, mlp_ratio=4.0, drop_rate=0.0,
                   drop_path_rate=0.3, ape=False, patch_norm=True, out_indices=[0, 1, 2, 3], use_checkpoint=False,
                   dynamic=False)
-DWNET_FILE = "downstreams/segmentation/mmseg/models/backbones/dwnet.py"
+DWNET_FILES = {"mmseg": "downstreams/segmentation/mmseg/models/backbones/dwnet.py",
+               "mmdet": "downstreams/detection/mmdet/models/backbones/dwnet.py"}
+DWNET_FILE = DWNET_FILES["mmseg"]
 # STViT-S: the kwargs the official factory `models.stvit.stvit_small(args)` passes (main.py defaults); STViT has no
 # official segmentation code, so its backbone here is the *inferred* one of `register_stvit`
 STVIT_SMALL = dict(type="STViTSegmentationBackbone", embed_dim=[64, 128, 320, 512], depths=[3, 5, 9, 3],
@@ -160,22 +162,23 @@ def register_official_backbones(official: Path) -> None:
                 BACKBONES.register_module(module=getattr(module, cls_name), force=True)
 
 
-def register_dwnet(mirror: Path, scratch: Path) -> str:
-    """Import the official DWNet *segmentation* backbone (``DWNET_FILE`` at the mirror's HEAD) into mmseg 0.30.
+def register_dwnet(mirror: Path, scratch: Path, library: str = "mmseg") -> str:
+    """Import DWNet's official dense backbone for ``library`` (``DWNET_FILES``: mmseg's segmentation copy, or mmdet's
+    detection copy, at the mirror's HEAD) and register it in that library's BACKBONES.
 
     The file is written to ``scratch`` with two import lines changed: its package-relative ``..builder`` becomes
-    ``mmseg.models.builder`` and ``mmcv_custom.load_checkpoint`` (used only to load ImageNet weights) is not imported.
-    Returns the commit.
+    ``<library>.models.builder`` and ``mmcv_custom.load_checkpoint`` (used only to load ImageNet weights) is not
+    imported. Returns the commit.
     """
-    text = git_head(mirror, DWNET_FILE)
+    text = git_head(mirror, DWNET_FILES[library])
     for old, new in (("from mmcv_custom import load_checkpoint", "load_checkpoint = None  # not needed here"),
-                     ("from ..builder import BACKBONES", "from mmseg.models.builder import BACKBONES")):
+                     ("from ..builder import BACKBONES", f"from {library}.models.builder import BACKBONES")):
         assert text.count(old) == 1, old
         text = text.replace(old, new)
     scratch.mkdir(parents=True, exist_ok=True)
-    (scratch / "dwnet_seg_official.py").write_text(text)
+    (scratch / f"dwnet_{library}_official.py").write_text(text)
     sys.path.insert(0, str(scratch))
-    importlib.import_module("dwnet_seg_official")  # registers DWNet in mmseg's BACKBONES
+    importlib.import_module(f"dwnet_{library}_official")  # registers DWNet in the library's BACKBONES
     return git_head(mirror).strip()
 
 
