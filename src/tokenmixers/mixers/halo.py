@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import biased_attention, masked_value, num_windows, size_cache
+from ..layers import biased_attention, masked_value, num_windows, pad_to_multiple, size_cache
 from . import TokenMixer, register_mixer
 
 
@@ -145,7 +145,7 @@ class HaloAttention(TokenMixer):
         before = self.query_offset
         (h0, lh), (w0, lw) = span_h, span_w = _key_span(H, nh, before, win), _key_span(W, nw, before, win)
 
-        q = F.pad(self.q(x), (0, 0, 0, nw * bs - W, 0, nh * bs - H))
+        q = pad_to_multiple(self.q(x), bs)  # a copy only where the map is not whole blocks
         q = q.view(B, nh, bs, nw, bs, heads, d).permute(0, 1, 3, 5, 2, 4, 6)  # B nh nw heads bs bs d
         # pad so that window position p of block i reads map row i * bs + p - before
         pad_h = (before - h0, (nh - 1) * bs + h0 + lh - before - H)

@@ -53,7 +53,7 @@ class SpatialReductionAttention(TokenMixer):
             return x.reshape(B, H * W, C)
         r = self.sr_ratio
         x = x.permute(0, 3, 1, 2)
-        if self.pad_reduction or H < r or W < r:
+        if (self.pad_reduction or H < r or W < r) and (H % r or W % r):  # F.pad would copy even a zero padding
             x = F.pad(x, (0, -W % r, 0, -H % r))
         x = self.sr(x).flatten(2).transpose(1, 2)
         return self.norm(x)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import num_windows
+from ..layers import num_windows, pad_to_multiple
 from . import TokenMixer, register_mixer
 
 NEIGHBOURS = [(dy, dx) for dy in range(3) for dx in range(3)]
@@ -89,7 +89,7 @@ class SuperTokenAttention(TokenMixer):
         if (h, w) == (1, 1):
             return self.attention(x.reshape(B, H * W, C)).view(B, H, W, C)
         hh, ww = num_windows(H, h), num_windows(W, w)
-        pixels = F.pad(x, (0, 0, 0, ww * w - W, 0, hh * h - H)).view(B, hh, h, ww, w, C)
+        pixels = pad_to_multiple(x, (h, w)).view(B, hh, h, ww, w, C)  # a copy only where cells are not whole
         pixels = pixels.permute(0, 1, 3, 2, 4, 5).reshape(B, hh, ww, h * w, C)
         pad = (0, ww * w - W, 0, hh * h - H)
         valid = F.pad(x.new_ones(H, W), pad, value=0.0 if self.mask_padding else 1.0).view(hh, h, ww, w)
