@@ -6,13 +6,21 @@ shared machine hits both; the speed-up is the median of the per-iteration ratios
 matmul throughput is probed before and after, to show how loaded the machine was.
 
     python benchmarks/speed.py --official /path/to/official-copy      # the table of benchmarks/README.md
+    python benchmarks/speed.py --official /path/to/official-copy --rows eager default   # without compiling
+    python benchmarks/speed.py --tasks detection-vs-torchvision        # our Mask R-CNNs against torchvision's
     python benchmarks/speed.py --families halo pvt --scales micro --tasks infer
     python benchmarks/speed.py --modes channels_last compile bf16       # our faster modes, ours only
 
 The official copy is the scratch folder made by ``official_setup.py`` (its ``classification/`` is
 imported); it can also be given as ``TOKENMIXERS_OFFICIAL``. Without it only our numbers are printed.
 
-Tasks (fp32, 224x224, eager, the default ``timm.create_model(name)``):
+Side by side, every model gets up to three rows (``--rows``), each a ratio timed round-robin in one process:
+``eager``: ours eager / the official code eager (as it ships); ``default``: ours as the ``tokenmixers`` commands
+run it (training: AdamW's fused kernel, the default of every task) / the official code eager; ``compiled``: both
+through ``torch.compile`` (inductor; inference with ``freezing``, the weights folded into the graph), the fair
+row for anyone who compiles. A compiled variant is compiled during the warm-up, which is not timed.
+
+Tasks (fp32, 224x224, the default ``timm.create_model(name)``):
 
 * ``infer``: a forward pass under ``torch.inference_mode`` (micro batch 32, tiny batch 8);
 * ``train``: forward, cross-entropy, backward and an AdamW step (micro batch 16, tiny batch 8);
@@ -22,6 +30,11 @@ Tasks (fp32, 224x224, eager, the default ``timm.create_model(name)``):
   inference and training, the two timed round-robin against each other;
 * ``profile`` (not run by default): where our time goes, the operators with the largest share of self
   CPU time in one inference and one training step (``torch.profiler``);
+* ``optimizer`` (not run by default): AdamW's step alone over each model's parameters (random gradients), the
+  fused kernel (every task's default) against torch's default multi-tensor one, round-robin;
+* ``detection-vs-torchvision`` (not run by default): our ConvNeXt and Swin micro and tiny Mask R-CNNs against
+  torchvision's ``maskrcnn_resnet50_fpn`` (random weights, the same nuclei tile stretched to the size, fp32):
+  inference and a training step at 320x320 and 800x1333, all round-robin (``benchmarks/detection.py``'s set-up);
 * ``allocator`` (not run by default): our inference and training speed with ``reuse_cpu_memory()`` over
   glibc's default allocator. The allocator is process-wide, so each setting runs in a child process of
   this script (ours only), the two alternated ``--rounds`` times; the gain is the median per-round ratio.
@@ -57,7 +70,12 @@ FAMILIES = ("halo", "pvt", "swin", "convnext", "dcn_v3")
 INFER_BATCH = {"micro": 32, "tiny": 8}
 TRAIN_BATCH = {"micro": 16, "tiny": 8}
 MODES = ("channels_last", "compile", "bf16")
-TASKS = ("infer", "train", "memory", "dcn", "profile", "allocator")
+TASKS = ("infer", "train", "memory", "dcn", "profile", "allocator", "optimizer", "detection-vs-torchvision")
+DETECTORS = ("unified_convnext_micro", "unified_swin_micro", "unified_convnext_tiny", "unified_swin_tiny")
+# the side-by-side table's rows: (our variant, the official one, the speed-up's key)
+ROWS = {"eager": ("ours", "official", "speedup"), "default": ("ours_default", "official", "speedup_default"),
+        "compiled": ("ours_compiled", "official_compiled", "speedup_compiled")}
+ROW_NAMES = {"eager": "eager / eager", "default": "default path / eager", "compiled": "compiled / compiled"}
 DEFAULT_TASKS = ("infer", "train", "memory", "dcn")
 Step = Callable[[], None]
 
@@ -126,14 +144,16 @@ def inference_step(model: torch.nn.Module, batch: int, mode: str = "eager") -> S
     return step
 
 
-def training_step(model: torch.nn.Module, batch: int) -> Step:
-    """One forward, cross-entropy, backward and AdamW step on a ``batch`` of random images."""
+def training_step(model: torch.nn.Module, batch: int, compiled: bool = False, fused: bool = False) -> Step:
+    """One forward, cross-entropy, backward and AdamW step on a ``batch`` of random images (the forward through
+    ``torch.compile`` when ``compiled``, AdamW's fused kernel when ``fused``)."""
     model = model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **({"fused": True} if fused else {}))
     x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
+    fn = torch.compile(model, dynamic=False) if compiled else model
 
     def step() -> None:
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(fn(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -179,6 +199,9 @@ def compare(name: str, ours: torch.nn.Module, official: Optional[torch.nn.Module
 
     scale = name.rsplit("_", 1)[1]
     row: dict[str, Any] = {}
+    # dynamo keeps compiled graphs per code object, and every model here shares its forward's code with the other
+    # models of its implementation: past 8 (recompile_limit) it silently runs them eagerly. Start each model afresh.
+    torch._dynamo.reset()
     models = {"ours": ours} if official is None else {"ours": ours, "official": official}
     # the official Halo caches a mask built in inference mode, which autograd then refuses: train fresh copies
     untouched = {k: copy.deepcopy(m) for k, m in models.items()}
@@ -187,18 +210,21 @@ def compare(name: str, ours: torch.nn.Module, official: Optional[torch.nn.Module
         x = torch.randn(2, 3, 224, 224)
         with torch.inference_mode():
             row["max_abs_diff"] = (ours.eval()(x) - official.eval()(x)).abs().max().item()
+    compiled = official is not None and "compiled" in args.rows
     if "infer" in args.tasks:
         steps = {k: inference_step(m, INFER_BATCH[scale]) for k, m in models.items()}
-        times = round_robin(steps, args.warmup, args.iters)
-        row["infer"] = {k: INFER_BATCH[scale] / statistics.median(t) for k, t in times.items()}
-        if official is not None:
-            row["infer"]["speedup"] = speedup(times, "official", "ours")
+        if compiled:  # the official model keeps its eager copy above: compile a copy of each
+            steps.update({f"{k}_compiled": inference_step(copy.deepcopy(m), INFER_BATCH[scale], "compile")
+                          for k, m in untouched.items()})
+        row["infer"] = side_by_side(round_robin(steps, args.warmup, args.iters), INFER_BATCH[scale])
     if "train" in args.tasks:
         steps = {k: training_step(copy.deepcopy(m), TRAIN_BATCH[scale]) for k, m in untouched.items()}
-        times = round_robin(steps, 1, args.train_iters)
-        row["train"] = {k: TRAIN_BATCH[scale] / statistics.median(t) for k, t in times.items()}
-        if official is not None:
-            row["train"]["speedup"] = speedup(times, "official", "ours")
+        if official is not None and "default" in args.rows:  # ours as train/compare run it: fused AdamW
+            steps["ours_default"] = training_step(copy.deepcopy(untouched["ours"]), TRAIN_BATCH[scale], fused=True)
+        if compiled:
+            steps.update({f"{k}_compiled": training_step(copy.deepcopy(m), TRAIN_BATCH[scale], compiled=True)
+                          for k, m in untouched.items()})
+        row["train"] = side_by_side(round_robin(steps, 1, args.train_iters), TRAIN_BATCH[scale])
     if "memory" in args.tasks:
         row["memory_mib"] = {
             k: peak_memory(training_step(copy.deepcopy(m), TRAIN_BATCH[scale])) for k, m in untouched.items()
@@ -217,6 +243,18 @@ def compare(name: str, ours: torch.nn.Module, official: Optional[torch.nn.Module
     return row
 
 
+def side_by_side(times: dict[str, list[float]], batch: int) -> dict[str, float]:
+    """img/s of every variant, and the speed-ups of the table's rows: ``speedup`` (ours eager / official eager),
+    ``speedup_default`` (our default path / official eager), ``speedup_compiled`` (both compiled)."""
+    row = {k: batch / statistics.median(t) for k, t in times.items()}
+    if "official" in times:
+        row["speedup"] = speedup(times, "official", "ours")
+        row["speedup_default"] = speedup(times, "official", "ours_default" if "ours_default" in times else "ours")
+    if "official_compiled" in times:
+        row["speedup_compiled"] = speedup(times, "official_compiled", "ours_compiled")
+    return row
+
+
 def dcn_cost(scale: str, args: argparse.Namespace) -> dict[str, float]:
     """Time of ``unified_dcn_v3`` over ``unified_convnext`` at ``scale`` (inference, training), round-robin."""
     models = {f: timm.create_model(f"unified_{f}_{scale}") for f in ("dcn_v3", "convnext")}
@@ -226,6 +264,21 @@ def dcn_cost(scale: str, args: argparse.Namespace) -> dict[str, float]:
         "infer": speedup(round_robin(infer, args.warmup, args.iters), "dcn_v3", "convnext"),
         "train": speedup(round_robin(train, 1, args.train_iters), "dcn_v3", "convnext"),
     }
+
+
+def optimizer_gain(name: str, args: argparse.Namespace) -> dict[str, float]:
+    """AdamW's step over ``name``'s parameters: ms of the default multi-tensor kernel and of the fused one, and the
+    ratio (round-robin)."""
+    steps = {}
+    for kernel in ("foreach", "fused"):
+        params = [p.detach().clone().requires_grad_() for p in timm.create_model(name).parameters()]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **{kernel: True})
+        steps[kernel] = opt.step
+    times = round_robin(steps, args.warmup, args.iters)
+    return {**{f"{k}_ms": 1e3 * statistics.median(t) for k, t in times.items()},
+            "gain": speedup(times, "foreach", "fused")}
 
 
 def allocator_gain(name: str, args: argparse.Namespace) -> dict[str, float]:
@@ -250,6 +303,25 @@ def allocator_gain(name: str, args: argparse.Namespace) -> dict[str, float]:
     return gain
 
 
+def detection_vs_torchvision(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Our Mask R-CNNs against torchvision's ``maskrcnn_resnet50_fpn`` (random weights, one image, fp32), inference
+    and a training step at 320x320 and 800x1333, all detectors round-robin: seconds and torchvision's time / ours."""
+    from detection import SIZES, TORCHVISION, detector_fns  # benchmarks/detection.py (it imports this file)
+
+    names = [*DETECTORS, TORCHVISION]
+    out: dict[str, dict[str, float]] = {}
+    for size in SIZES:
+        infer, train = detector_fns(names, size)
+        for task, steps in (("inference", infer), ("train_step", train)):
+            times = round_robin(steps, 1, args.train_iters)
+            for name in DETECTORS:
+                out.setdefault(name, {})[f"{task}@{size}"] = statistics.median(times[name])
+                out[name][f"{task}@{size}_vs_torchvision"] = speedup(times, TORCHVISION, name)
+            out.setdefault(TORCHVISION, {})[f"{task}@{size}"] = statistics.median(times[TORCHVISION])
+        print(f"detectors at {SIZES[size]}: {json.dumps({n: out[n] for n in names})}", flush=True)
+    return out
+
+
 def cpu_name() -> str:
     """The CPU model, from /proc/cpuinfo where available."""
     try:
@@ -271,17 +343,22 @@ def tables(results: dict[str, dict], side_by_side: bool) -> str:
     timed = any(k in r for r in results.values() for k in ("infer", "train", "memory_mib"))
     if timed and side_by_side:
         lines += [
-            "| model | inference img/s: ours / official | speed-up | training img/s: ours / official | speed-up "
-            "| training peak MiB: ours / official |",
-            "|---|---|---|---|---|---|",
+            "| model | row: ours / official | inference img/s: ours / official | speed-up "
+            "| training img/s: ours / official | speed-up | training peak MiB: ours / official |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, r in results.items():
             inf, tr, mem = r.get("infer", {}), r.get("train", {}), r.get("memory_mib", {})
-            lines.append(
-                f"| {name} | {_fmt(inf.get('ours'))} / {_fmt(inf.get('official'))} | {_fmt(inf.get('speedup'), '.2f')}× "
-                f"| {_fmt(tr.get('ours'))} / {_fmt(tr.get('official'))} | {_fmt(tr.get('speedup'), '.2f')}× "
-                f"| {_fmt(mem.get('ours'), '.0f')} / {_fmt(mem.get('official'), '.0f')} |"
-            )
+            for row, (ours, theirs, key) in ROWS.items():
+                if key not in inf and key not in tr:
+                    continue
+                memory = f"{_fmt(mem.get('ours'), '.0f')} / {_fmt(mem.get('official'), '.0f')}" if row == "eager" else ""
+                ours_inf = inf.get(ours, inf.get("ours"))  # inference's default path is the eager one
+                lines.append(
+                    f"| {name} | {ROW_NAMES[row]} | {_fmt(ours_inf)} / {_fmt(inf.get(theirs))} "
+                    f"| {_fmt(inf.get(key), '.2f')}× | {_fmt(tr.get(ours, tr.get('ours')))} / {_fmt(tr.get(theirs))} "
+                    f"| {_fmt(tr.get(key), '.2f')}× | {memory} |"
+                )
     elif timed:
         lines += ["| model | inference img/s | training img/s | training peak MiB |", "|---|---|---|---|"]
         for name, r in results.items():
@@ -315,6 +392,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), choices=TASKS)
     parser.add_argument("--modes", nargs="*", default=[], choices=MODES,
                         help="also time these inference modes of our models against eager")
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS),
+                        help="side-by-side rows: eager / eager, our default path (fused AdamW) / eager, both compiled "
+                             "(torch.compile, inductor; inference with freezing)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10, help="inference iterations per model")
     parser.add_argument("--train-iters", type=int, default=6, help="training iterations per model")
@@ -326,6 +406,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    torch._inductor.config.freezing = True  # inference graphs (no grad) fold their weights in, as users deploy
     official = load_official(args.official) if args.official else {}
     import tokenmixers  # (after the official import: our names win in timm's registry)
     if args.reuse_memory:
@@ -334,7 +415,7 @@ def main() -> None:
 
     peak_before = matmul_peak()
     results = {}
-    per_model = bool(set(args.tasks) - {"dcn", "allocator"} or args.modes)
+    per_model = bool(set(args.tasks) - {"dcn", "allocator", "optimizer", "detection-vs-torchvision"} or args.modes)
     for scale in args.scales if per_model else ():
         for family in args.families:
             name = f"unified_{family}_{scale}"
@@ -356,6 +437,9 @@ def main() -> None:
                 name = f"unified_{family}_{scale}"
                 allocator[name] = allocator_gain(name, args)
                 print(f"{name} reuse_cpu_memory / default: {json.dumps(allocator[name])}", flush=True)
+    optimizer = {f"unified_{f}_{s}": optimizer_gain(f"unified_{f}_{s}", args)
+                 for s in args.scales for f in args.families} if "optimizer" in args.tasks else {}
+    detectors = detection_vs_torchvision(args) if "detection-vs-torchvision" in args.tasks else {}
     peaks = (peak_before, matmul_peak())
     header = (
         f"{datetime.date.today()}, torch {torch.__version__}, {cpu_name()}, "
@@ -373,7 +457,21 @@ def main() -> None:
         for name, g in allocator.items():
             print(f"| {name} | {g['infer_default']:.1f} / {g['infer_reuse']:.1f} | {g['infer']:.2f}× "
                   f"| {g['train_default']:.1f} / {g['train_reuse']:.1f} | {g['train']:.2f}× |")
-    record = {"setup": header, "results": results, "dcn_over_dwconv": dcn, "reuse_cpu_memory_gain": allocator}
+    if optimizer:
+        print("\n| model | AdamW step ms: multi-tensor / fused | gain |\n|---|---|---|")
+        for name, g in optimizer.items():
+            print(f"| {name} | {g['foreach_ms']:.1f} / {g['fused_ms']:.1f} | {g['gain']:.2f}× |")
+    if detectors:
+        sizes = ("320", "800")
+        print("\n| detector | " + " | ".join(f"{task} {s} (s, × torchvision)" for task in ("inference", "train step")
+                                           for s in ("320x320", "800x1333")) + " |\n|---|---|---|---|---|")
+        for name, d in detectors.items():
+            cells = [f"{d[f'{task}@{s}']:.2f}" + (f" ({d[f'{task}@{s}_vs_torchvision']:.2f}×)"
+                                                  if f"{task}@{s}_vs_torchvision" in d else "")
+                     for task in ("inference", "train_step") for s in sizes]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+    record = {"setup": header, "results": results, "dcn_over_dwconv": dcn, "reuse_cpu_memory_gain": allocator,
+              "adamw_fused_gain": optimizer, "detection_vs_torchvision": detectors}
     atomic_write_text(args.out, json.dumps(record, indent=2))
     print(f"\nwrote {args.out}")
 

@@ -418,7 +418,7 @@ class RunSettings(Settings):
     opt: str = "adamw"                    # any timm optimizer
     opt_eps: float = 1.0e-8
     opt_betas: tuple[float, float] = (0.9, 0.999)
-    fused_optimizer: bool = True          # one fused kernel over all parameters (torch's AdamW, Adam, SGD; ~5x faster on a CPU)
+    fused_optimizer: bool = True          # one fused kernel over all parameters (torch's AdamW, Adam, SGD; ~3x on a CPU)
     weight_decay: float = 0.05            # the task decides which parameters are exempt
     clip_grad: float = 5.0                # gradient norm clipping (0: none)
     sched: str = "cosine"                 # per step: a timm schedule (cosine, ...), or mmcv's "step" / "poly"
@@ -797,6 +797,10 @@ class _Run:
         if info.distributed:
             self.ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        if cfg.compile:
+            # dynamo caches graphs per code object, shared by every model of a process (compare trains several one
+            # after another): past its recompile limit it would run later models eagerly without a word
+            torch._dynamo.reset()
         self.forward = torch.compile(self.ddp, dynamic=False, backend=cfg.compile_backend) if cfg.compile else self.ddp
         self.progress = Progress()
         self.pending_rng: Optional[dict[str, Any]] = None  # a mid-epoch resume's RNG state (see _train_epoch)
