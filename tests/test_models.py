@@ -36,6 +36,17 @@ def test_any_input_size(name: str) -> None:
             assert torch.isfinite(f).all()
 
 
+@pytest.mark.parametrize("family", ["halo", "pvt", "swin", "convnext", "dcn_v3"])
+def test_the_model_compiles_as_one_graph(family: str) -> None:
+    # torch.compile fuses only within a graph: a break (data-dependent Python, an untraceable call) would leave
+    # part of the model eager. One block per stage traces the same code as the full model; a size that is
+    # no whole number of windows takes the padding paths too.
+    cfg = tokenmixers.zoo.FAMILIES[family].configs["micro"].replace(depths=(1, 1, 1, 1))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(tokenmixers.UnifiedNet(cfg).eval())(torch.randn(1, 3, 200, 168))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 @pytest.mark.parametrize("name", MICRO_MODELS)
 def test_features_only(name: str) -> None:
     model = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3)).eval()
