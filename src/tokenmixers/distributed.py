@@ -6,6 +6,7 @@ address when MASTER_ADDR is not set. NCCL is used on GPUs, gloo on CPUs.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -132,6 +133,17 @@ def barrier() -> None:
     """Wait for every process (no-op when not distributed)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+@atexit.register
+def _leave_process_group() -> None:
+    """At exit, tear the process group down while the interpreter is still whole.
+
+    Left to interpreter teardown, the group's C++ threads can be destroyed while still joinable, which aborts
+    the process ("terminate called without an active exception", SIGABRT) after its work is done.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # torch has no public base class for BatchNorm of any rank; _BatchNorm is what its own SyncBatchNorm extends
