@@ -102,6 +102,69 @@ def test_grad_checkpointing_gives_the_same_gradients(name: str) -> None:
         assert torch.allclose(a[n], b[n], rtol=1e-12, atol=1e-15), n
 
 
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """``fn()`` and the bytes of the distinct storages autograd keeps for its backward pass."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("convnext_style", [False, True])
+@pytest.mark.parametrize("tokens", [(9, 11), (8, 8)])  # 2 x 9 x 11 tokens > 128 hidden channels: folded; 2 x 8 x 8 not
+def test_layer_scale_folded_into_the_mlp_keeps_less(convnext_style: bool, tokens: tuple[int, int]) -> None:
+    from tokenmixers.backbone import Block
+    from tokenmixers.mixers import create_mixer
+
+    torch.manual_seed(0)
+    block = Block(32, create_mixer("dwconv", 32), layer_scale_init=0.5, convnext_style=convnext_style).double()
+    with torch.no_grad():
+        block.ls2.gamma.normal_()  # every channel scaled differently
+    x = torch.randn(2, *tokens, 32, dtype=torch.float64, requires_grad=True)
+
+    def unfolded() -> torch.Tensor:  # the block as written in the paper: gamma scales the MLP's output
+        if convnext_style:
+            return x + block.ls2(block.mlp(block.norm2(block.mixer(x))))
+        y = x + block.ls1(block.mixer(block.norm1(x)))
+        return y + block.ls2(block.mlp(block.norm2(y)))
+
+    reference, reference_bytes = _saved_bytes(unfolded)
+    out, kept_bytes = _saved_bytes(lambda: block(x))
+    fc2 = block.mlp.fc2
+    if x[..., 0].numel() > fc2.in_features:  # kept: the scaled weights and bias instead of the MLP's output
+        assert reference_bytes - kept_bytes == 8 * (x.numel() - fc2.weight.numel() - fc2.bias.numel()) > 0
+        assert torch.allclose(out, reference, rtol=0, atol=1e-13)
+    else:
+        assert kept_bytes == reference_bytes and torch.equal(out, reference)
+    with torch.no_grad():  # without autograd the output is scaled as written
+        assert torch.equal(block(x), unfolded())
+    u = torch.randn_like(out)
+    wanted = [x, block.ls2.gamma, fc2.weight, fc2.bias, block.mlp.fc1.weight]
+    for a, b in zip(torch.autograd.grad(out, wanted, u), torch.autograd.grad(reference, wanted, u)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_the_3x3_kernels_are_stored_channels_last() -> None:
+    model = timm.create_model("unified_swin_micro")
+    kernels = [model.stem.conv1, model.stem.conv2, *(s.downsample.conv for s in model.stages[1:])]
+    assert all(k.weight.is_contiguous(memory_format=torch.channels_last) for k in kernels)
+    assert not model.stem.conv1.weight.is_contiguous()  # so this test would notice the layout going
+    # the layout changes nothing computed: an NCHW copy gives the same outputs and gradients
+    nchw = timm.create_model("unified_swin_micro").to(memory_format=torch.contiguous_format)
+    nchw.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 56)
+    out, ref = model(x), nchw(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.allclose(model.stem.conv1.weight.grad, nchw.stem.conv1.weight.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_no_weight_decay_names() -> None:
     nwd = timm.create_model("unified_swin_micro").no_weight_decay()
     assert "stages.0.blocks.0.mixer.relative_position_bias_table" in nwd

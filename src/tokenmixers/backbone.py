@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
+from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.models import checkpoint_seq
 from torch import nn
 
@@ -98,6 +98,27 @@ class ConvPosEmbed(nn.Module):
         return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+class Mlp(nn.Module):
+    """``fc2(GELU(fc1(x)))`` on channels-last tokens; :meth:`hidden` is everything before ``fc2``.
+
+    Any MLP of a :class:`Block` has ``hidden`` and ``fc2``, so that the block can fold its layer scale into ``fc2``.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, hidden)``: the part before the last projection."""
+        return self.act(self.fc1(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``."""
+        return self.fc2(self.hidden(x))
+
+
 class Block(nn.Module):
     """Transformer-style block around any mixer (or the ConvNeXt-style block, Table VI D)."""
 
@@ -121,7 +142,7 @@ class Block(nn.Module):
         self.mixer = mixer
         self.ls1 = nn.Identity() if convnext_style or not layer_scale_init else LayerScale(dim, layer_scale_init)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -130,9 +151,24 @@ class Block(nn.Module):
         z = self.pos(x)
         x = z if self.pos_residual else x
         if self.convnext_style:
-            return x + self.drop_path(self.ls2(self.mlp(self.norm2(self.mixer(z)))))
+            return x + self.drop_path(self.scaled_mlp(self.norm2(self.mixer(z))))
         x = x + self.drop_path(self.ls1(self.mixer(self.norm1(z))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        return x + self.drop_path(self.scaled_mlp(self.norm2(x)))
+
+    def scaled_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``ls2(mlp(x))``; in training, the layer scale folded into ``fc2``'s weights where that keeps less.
+
+        Folded, ``fc2``'s output is neither scaled in a pass of its own nor kept for the scale's gradient; the
+        scaled weights are kept instead. That is less wherever there are more tokens than hidden channels (every
+        block at the training batches but the last stage's): a tiny model's training step then peaks below the
+        official code's. Without autograd nothing is kept, and the output is scaled as written.
+        """
+        fc2 = self.mlp.fc2
+        tokens = x.numel() // x.shape[-1]
+        if not (isinstance(self.ls2, LayerScale) and torch.is_grad_enabled() and tokens > fc2.in_features):
+            return self.ls2(self.mlp(x))
+        gamma = self.ls2.gamma
+        return F.linear(self.mlp.hidden(x), fc2.weight * gamma[:, None], fc2.bias * gamma)
 
 
 class Stage(nn.Module):
@@ -494,6 +530,12 @@ class UnifiedNet(StagedNet):
         hidden = int(cfg.dims[-1] * cfg.head_hidden_ratio)
         self._set_head(hidden, norm_after_pool=cfg.norm_after_pool)
         self.apply(self._init_weights)
+        # The 3x3 kernels are stored channels-last, the layout of the tokens they read and write: an NCHW kernel is
+        # copied to that layout in every forward and backward pass (the last downsampling kernel's copy, 10 MiB at
+        # tiny scale, sits at the training step's peak), and on the NCHW image the stem then writes channels-last
+        # tokens directly. After the init, whose random values fill memory in storage order.
+        for part in (self.stem, *(stage.downsample for stage in self.stages)):
+            part.to(memory_format=torch.channels_last)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -3,7 +3,7 @@
 ``save_pretrained`` writes ``model.safetensors`` and ``config.json`` (architecture, every
 :class:`ModelCfg` field as ``model_args``, num_classes, the class names as ``label_names``, and
 timm's ``pretrained_cfg`` with the input size, crop and interpolation the weights were trained
-and evaluated at) with timm's ``save_for_hf``; ``load_pretrained`` is
+and evaluated at) with timm's ``save_config_for_hf`` and safetensors; ``load_pretrained`` is
 ``timm.create_model("local-dir:<folder>", pretrained=True)``, so a folder is equally readable by
 timm alone. Files appear atomically: a crash never leaves a half-written folder behind.
 """
@@ -17,8 +17,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import safetensors.torch
 import timm
-from timm.models import save_for_hf
+from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from .files import atomic_write_text
@@ -55,8 +56,11 @@ def save_pretrained(model: nn.Module, directory: PathLike, *, input_size: Option
         data_config = {k: v for k, v in (("input_size", (3, input_size, input_size) if input_size else None),
                                           ("crop_pct", crop_pct), ("interpolation", interpolation)) if v is not None}
         model_config = {"label_names": list(class_names)} if class_names else None
-        save_for_hf(model, str(staging), model_config=model_config, model_args=model_args, safe_serialization=True,
-                    data_config=data_config or None)
+        save_config_for_hf(model, str(staging / CONFIG_NAME), model_config=model_config, model_args=model_args,
+                           data_config=data_config or None)
+        # safetensors stores tensors contiguously; the convolution kernels are kept channels-last in the model
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        safetensors.torch.save_file(weights, str(staging / WEIGHTS_NAME))
         config = json.loads((staging / CONFIG_NAME).read_text())
         config["tokenmixers_version"] = _version()
         if data is not None:

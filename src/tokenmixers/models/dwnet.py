@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, PatchEmbed
+from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
-from ..backbone import Block, Head, Stage, StagedNet, drop_path_rates
+from ..backbone import Block, Head, Mlp, Stage, StagedNet, drop_path_rates
 from ..configs import DWNetCfg
 from ..layers import ChannelsLastBatchNorm
 from ..mixers import TokenMixer, create_mixer

@@ -74,9 +74,13 @@ class ConvFFN(nn.Module):
         self.dwconv = ConvPosEmbed(hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, hidden)``: the part before the last projection (see :class:`Mlp`)."""
+        return self.dwconv(self.act(self.fc1(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``."""
-        return self.fc2(self.dwconv(self.act(self.fc1(x))))
+        return self.fc2(self.hidden(x))
 
 
 class STViTBlock(Block):
